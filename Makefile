@@ -1,0 +1,24 @@
+# The two commands of the README. Each creates .venv if missing and installs the project into it.
+# GPU users keep their own CUDA build of torch with:  make bench PIP_CONSTRAINTS=
+VENV ?= .venv
+PYTHON ?= python3
+PIP_CONSTRAINTS ?= -c constraints.txt
+STAMP := $(VENV)/.installed
+
+.PHONY: bench test clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(PIP_CONSTRAINTS) -e ".[all]"
+	touch $@
+
+# The quick suite on the best available device: comparison table on stdout, rows in results/.
+bench: $(STAMP)
+	$(VENV)/bin/lossbench run --suite quick $(ARGS)
+
+# The tests. pytest exits 5 when it collects nothing: make fails on it like on any non-zero status.
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,149 @@
+"""torch's own implementations, under the same names in every family:
+
+- torch_module:     nn.NLLLoss / nn.CrossEntropyLoss / nn.KLDivLoss
+- torch_functional: F.nll_loss / F.cross_entropy / F.kl_div (the baseline every table compares with)
+- torch_composed:   the loss as a user would write it from primitives (log_softmax + gather, xlogy)
+- torch_compile:    torch.compile of the functional form
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..registry import register
+
+# --- torch_module -------------------------------------------------------------------------------
+# Modules are built once per (class, options, weight) like a training loop does; building one per
+# call would add tens of microseconds to every sample. The cache holds the weight tensor itself,
+# so its id cannot be reused while the entry lives.
+_modules: dict[tuple, tuple[nn.Module, torch.Tensor | None]] = {}
+
+
+def _module(cls: type[nn.Module], weight: torch.Tensor | None = None, **kwargs) -> nn.Module:
+    key = (cls, id(weight), tuple(sorted(kwargs.items())))
+    hit = _modules.get(key)
+    if hit is None or hit[1] is not weight:
+        if len(_modules) > 64:
+            _modules.clear()
+        module = cls(weight=weight, **kwargs) if weight is not None else cls(**kwargs)
+        _modules[key] = hit = (module, weight)
+    return hit[0]
+
+
+@register(family="nll", name="torch_module", description="nn.NLLLoss")
+def nll_module(log_probs, target, *, weight=None, ignore_index=-100, reduction="mean"):
+    return _module(nn.NLLLoss, weight, ignore_index=ignore_index, reduction=reduction)(log_probs, target)
+
+
+@register(family="ce", name="torch_module", description="nn.CrossEntropyLoss")
+def ce_module(logits, target, *, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    return _module(nn.CrossEntropyLoss, weight, ignore_index=ignore_index, reduction=reduction,
+                   label_smoothing=label_smoothing)(logits, target)
+
+
+@register(family="kl", name="torch_module", description="nn.KLDivLoss")
+def kl_module(input, target, *, reduction="batchmean", log_target=False):
+    return _module(nn.KLDivLoss, reduction=reduction, log_target=log_target)(input, target)
+
+
+# --- torch_functional ---------------------------------------------------------------------------
+register(family="nll", name="torch_functional", description="F.nll_loss")(F.nll_loss)
+register(family="ce", name="torch_functional", description="F.cross_entropy")(F.cross_entropy)
+register(family="kl", name="torch_functional", description="F.kl_div")(F.kl_div)
+
+
+# --- torch_composed -----------------------------------------------------------------------------
+def _reduce(per_row: torch.Tensor, reduction: str, mean_den: torch.Tensor | float) -> torch.Tensor:
+    if reduction == "none":
+        return per_row
+    return per_row.sum() if reduction == "sum" else per_row.sum() / mean_den
+
+
+def _nll_rows(log_p, target, weight, ignore_index):
+    keep = target != ignore_index
+    picked = log_p.gather(1, target.masked_fill(~keep, 0).unsqueeze(1)).squeeze(1)
+    w = weight[target.masked_fill(~keep, 0)] * keep if weight is not None else keep.to(log_p.dtype)
+    return -picked * w, w
+
+
+@register(family="nll", name="torch_composed", description="gather + masked weighted mean")
+def nll_composed(log_probs, target, *, weight=None, ignore_index=-100, reduction="mean"):
+    rows, w = _nll_rows(log_probs, target, weight, ignore_index)
+    return _reduce(rows, reduction, w.sum())
+
+
+@register(family="ce", name="torch_composed", description="log_softmax + gather (+ smoothing term)")
+def ce_composed(logits, target, *, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    log_p = torch.log_softmax(logits, 1)
+    n_classes = logits.shape[1]
+    wc = weight.view(1, -1, *([1] * (logits.dim() - 2))) if weight is not None else 1.0
+    if target.is_floating_point():
+        t = target * (1 - label_smoothing) + label_smoothing / n_classes
+        rows = -(t * wc * log_p).sum(1)
+        return _reduce(rows, reduction, rows.numel())
+    rows, w = _nll_rows(log_p, target, weight, ignore_index)
+    if label_smoothing:
+        smooth = -(log_p * wc).sum(1) * (target != ignore_index)
+        rows = (1 - label_smoothing) * rows + (label_smoothing / n_classes) * smooth
+    return _reduce(rows, reduction, w.sum())
+
+
+@register(family="kl", name="torch_composed", description="xlogy(t, t) - t * input, or exp(t) * (t - input)")
+def kl_composed(input, target, *, reduction="batchmean", log_target=False):
+    pointwise = target.exp() * (target - input) if log_target else torch.xlogy(target, target) - target * input
+    if reduction == "none":
+        return pointwise
+    if reduction == "sum":
+        return pointwise.sum()
+    return pointwise.sum() / (pointwise.numel() if reduction == "mean" else input.shape[0])
+
+
+# --- torch_compile ------------------------------------------------------------------------------
+# One compiled callable per family, specialised on each shape (dynamic=False: a benchmark should see
+# the best static kernel, not a dynamic-shape one chosen after the second shape). Every case is a
+# new specialisation, so the recompile limit (8 by default, after which dynamo silently falls back
+# to eager) is raised: a fallback would be timed as "compiled" without anyone knowing.
+_compiled: dict[str, object] = {}
+
+
+def _compile(family: str, fn):
+    if family not in _compiled:
+        import torch._dynamo
+
+        for limit in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                      "accumulated_cache_size_limit"):
+            if hasattr(torch._dynamo.config, limit):
+                setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 4096))
+        if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+            torch._dynamo.config.fail_on_recompile_limit_hit = True  # an error row, never a silent eager run
+        _compiled[family] = torch.compile(fn, dynamic=False)
+    return _compiled[family]
+
+
+def _nll_fn(log_probs, target, weight, ignore_index, reduction):
+    return F.nll_loss(log_probs, target, weight=weight, ignore_index=ignore_index, reduction=reduction)
+
+
+def _ce_fn(logits, target, weight, ignore_index, reduction, label_smoothing):
+    return F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index,
+                           reduction=reduction, label_smoothing=label_smoothing)
+
+
+def _kl_fn(input, target, reduction, log_target):
+    return F.kl_div(input, target, reduction=reduction, log_target=log_target)
+
+
+@register(family="nll", name="torch_compile", compiles=True, description="torch.compile(F.nll_loss)")
+def nll_compile(log_probs, target, *, weight=None, ignore_index=-100, reduction="mean"):
+    return _compile("nll", _nll_fn)(log_probs, target, weight, ignore_index, reduction)
+
+
+@register(family="ce", name="torch_compile", compiles=True, description="torch.compile(F.cross_entropy)")
+def ce_compile(logits, target, *, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    return _compile("ce", _ce_fn)(logits, target, weight, ignore_index, reduction, label_smoothing)
+
+
+@register(family="kl", name="torch_compile", compiles=True, description="torch.compile(F.kl_div)")
+def kl_compile(input, target, *, reduction="batchmean", log_target=False):
+    return _compile("kl", _kl_fn)(input, target, reduction, log_target)

@@ -1,0 +1,91 @@
+"""One result row per case x implementation x mode: the schema, and the provenance every row carries."""
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import devices
+
+PROVENANCE = ["run_id", "timestamp", "git_sha", "host", "device", "device_name", "torch_version",
+              "triton_version", "cuda_version", "threads"]
+CASE = ["family", "impl", "n", "c", "h", "dtype", "mode", "options", "input_dist", "label"]
+TIME = ["time_median_ms", "time_p20_ms", "time_p80_ms", "time_ci_low_ms", "time_ci_high_ms", "samples",
+        "converged", "compile_ms", "raw_ms"]
+ACCURACY = ["loss_rel_err", "grad_rel_err", "grad_row_err_max", "grad_max_abs_err", "err_vs_floor",
+            "err_ratio_vs_torch", "accuracy_ok", "mutates_inputs", "grad_in_forward"]
+OUTCOME = ["status", "error"]
+COLUMNS = PROVENANCE + CASE + TIME + ACCURACY + OUTCOME
+STATUSES = ("ok", "unsupported", "error", "oom", "timeout", "crash")
+
+
+def new_run_id() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def git_sha() -> str | None:
+    """HEAD of the checkout lossbench runs from, '+dirty' when it has uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:  # triton is optional, and may fail to import on machines without a driver
+        return None
+
+
+def provenance(run_id: str, device: str, threads: int) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "git_sha": git_sha(),
+        "host": socket.gethostname(),
+        "device": device,
+        "device_name": devices.device_name(device),
+        "torch_version": torch.__version__,
+        "triton_version": _triton_version(),
+        "cuda_version": torch.version.cuda,
+        "threads": threads,
+    }
+
+
+def row(prov: dict[str, Any], case, impl: str, mode: str, **fields: Any) -> dict[str, Any]:
+    """A full row: every column present (None where not measured), in schema order."""
+    base = {
+        **prov,
+        "timestamp": now(),
+        "family": case.family,
+        "impl": impl,
+        "n": case.n,
+        "c": case.c,
+        "h": None,
+        "dtype": case.dtype,
+        "mode": mode,
+        "options": case.options_json,
+        "input_dist": case.input_dist,
+        "label": case.label(),
+    }
+    unknown = set(fields) - set(COLUMNS)
+    if unknown:
+        raise KeyError(f"not result columns: {sorted(unknown)}")
+    merged = {**base, **fields}
+    return {col: merged.get(col) for col in COLUMNS}

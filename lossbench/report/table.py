@@ -1,0 +1,60 @@
+"""The compact end-of-run table: per family, per case, each implementation's speedup over
+torch_functional and its gradient error relative to torch_functional's."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+from rich.table import Table
+
+from ..families import FAMILIES
+
+BASELINE = "torch_functional"
+HEADLINE_MODES = ("fwd_bwd", "fwd", "bwd")
+
+
+def _fmt_ms(ms: float) -> str:
+    return f"{ms:.3g} ms" if ms >= 0.1 else f"{ms * 1e3:.3g} µs"
+
+
+def _fmt_ratio(x: float) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return "inf" if math.isinf(x) else f"{x:.2g}"
+
+
+def _cell(row: pd.Series, base: pd.Series | None) -> str:
+    if row["status"] != "ok":
+        return f"[yellow]{row['status']}[/]" if row["status"] == "unsupported" else f"[red]{row['status']}[/]"
+    mark = "" if row["accuracy_ok"] else " [red]✗[/]"
+    err = f"err×{_fmt_ratio(row['err_ratio_vs_torch'])}"
+    if row["impl"] == BASELINE or base is None or base["status"] != "ok":
+        ci = f"[{_fmt_ms(row['time_ci_low_ms'])}, {_fmt_ms(row['time_ci_high_ms'])}]"
+        return f"{_fmt_ms(row['time_median_ms'])} {ci} err {row['grad_row_err_max']:.1e}{mark}"
+    speedup = base["time_median_ms"] / row["time_median_ms"]
+    return f"{speedup:.2f}× {err}{mark}"
+
+
+def family_tables(df: pd.DataFrame) -> list[Table]:
+    tables = []
+    for family in [f for f in FAMILIES if f in set(df["family"])]:
+        fam = df[df["family"] == family]
+        mode = next(m for m in HEADLINE_MODES if m in set(fam["mode"]))
+        fam = fam[fam["mode"] == mode]
+        impls = [BASELINE] * (BASELINE in set(fam["impl"])) + [i for i in fam["impl"].unique() if i != BASELINE]
+        multi_device = fam["device"].nunique() > 1
+        table = Table(
+            title=f"{family} ({FAMILIES[family].title}), {mode}: speedup over {BASELINE}, "
+                  f"worst-row gradient error over {BASELINE}'s (✗ outside the dtype's budget)",
+            title_justify="left",
+        )
+        table.add_column("case")
+        for impl in impls:
+            table.add_column(impl, justify="right")
+        for (device, label), group in fam.groupby(["device", "label"], sort=False):
+            by_impl = {r["impl"]: r for _, r in group.iterrows()}
+            base = by_impl.get(BASELINE)
+            name = f"{device} {label}" if multi_device else label
+            table.add_row(name, *[_cell(by_impl[i], base) if i in by_impl else "" for i in impls])
+        tables.append(table)
+    return tables

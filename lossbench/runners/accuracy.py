@@ -1,0 +1,143 @@
+"""Accuracy of the loss and of every input gradient against the float64 reference.
+
+Metrics (all relative errors are L2 norms; every gradient of a case is folded in by taking the worst):
+- loss_rel_err      |loss - ref| / |ref| over the whole output
+- grad_rel_err      relative L2 error of the whole gradient
+- grad_row_err_max  the worst sample row's relative L2 error. A global norm is dominated by the large
+                    gradients of unsure rows and hides a 100% error on confident rows, whose gradient
+                    is about 1 - p_y. A row whose reference gradient is zero (an ignored row) must be
+                    exactly zero, or its error is infinite.
+- grad_max_abs_err  largest absolute difference
+- err_vs_floor      grad_row_err_max over the same metric of the float64 reference rounded once to
+                    the input dtype: the best any implementation can return (NaN in float64)
+NaN or Inf where the reference is finite, or finite where it is NaN, is an infinite error.
+accuracy_ok compares these with per-dtype budgets, never with torch.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..cases import Inputs
+from ..reference import Reference
+
+# Relative L2 budgets, for the whole gradient and for its worst row. float32 keeps ~7 digits: 1e-4
+# leaves room for reduction order and a few roundings per element; bfloat16/float16 keep 2-3 digits,
+# and their rounding floor alone is ~0.2-0.4% per row.
+BUDGETS = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 2e-2, "float16": 2e-2}
+
+
+class ImplementationFault(Exception):
+    """The implementation returned something unusable (wrong shape, no gradient): an `error` row."""
+
+
+def _nonfinite_mismatch(x: torch.Tensor, ref: torch.Tensor) -> bool:
+    return bool(((x.isnan() != ref.isnan()) | (ref.isfinite() & ~x.isfinite())).any())
+
+
+def _diff(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """x - ref with positions that are NaN in both (a matching convention) counted as equal."""
+    return torch.where(ref.isnan() & x.isnan(), torch.zeros_like(ref), x - ref)
+
+
+def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
+    if _nonfinite_mismatch(x, ref):
+        return math.inf
+    num = _diff(x, ref).norm().item()
+    den = torch.nan_to_num(ref, nan=0.0).norm().item()
+    if den == 0:
+        return 0.0 if num == 0 else math.inf
+    return num / den
+
+
+def worst_row_err(x: torch.Tensor, ref: torch.Tensor, class_dim: int = 1) -> float:
+    if _nonfinite_mismatch(x, ref):
+        return math.inf
+    if ref.dim() < 2:
+        return rel_l2(x, ref)
+    rows_d = _diff(x, ref).movedim(class_dim, -1).reshape(-1, ref.shape[class_dim])
+    rows_r = ref.movedim(class_dim, -1).reshape(-1, ref.shape[class_dim])
+    num, den = rows_d.norm(dim=1), rows_r.norm(dim=1)
+    zero_ref = den == 0
+    per_row = torch.where(zero_ref, torch.where(num == 0, 0.0, math.inf), num / torch.where(zero_ref, 1.0, den))
+    return per_row.max().item() if per_row.numel() else 0.0
+
+
+def max_abs_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    if _nonfinite_mismatch(x, ref):
+        return math.inf
+    d = _diff(x, ref)
+    return d.abs().max().item() if d.numel() else 0.0
+
+
+@dataclass
+class AccuracyResult:
+    loss_rel_err: float
+    grad_rel_err: float
+    grad_row_err_max: float
+    grad_max_abs_err: float
+    err_vs_floor: float
+    accuracy_ok: bool
+    mutates_inputs: bool  # an input differed after the call
+    first_call_ms: float  # forward + backward of the very first call (compilation included)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn, pristine: Inputs, ref: Reference, dtype: str) -> AccuracyResult:
+    """Call `fn` once (forward + backward) on a copy of `pristine` and compare with `ref`."""
+    inputs = pristine.clone()
+    leaves = [inputs.args[i].requires_grad_(True) for i in inputs.differentiable]
+    device = inputs.args[0].device
+    _sync(device)
+    start = time.perf_counter()
+    out = fn(*inputs.args, **inputs.kwargs)
+    if not isinstance(out, torch.Tensor):
+        raise ImplementationFault(f"returned {type(out).__name__}, not a tensor")
+    if tuple(out.shape) != tuple(ref.loss.shape):
+        raise ImplementationFault(f"returned shape {tuple(out.shape)}, expected {tuple(ref.loss.shape)}")
+    if not out.requires_grad:
+        raise ImplementationFault("output does not require grad: no backward")
+    out.backward(inputs.grad_output)
+    _sync(device)
+    first_call_ms = (time.perf_counter() - start) * 1e3
+
+    with torch.no_grad():
+        mutated = any(not torch.equal(a, b) for a, b in zip(inputs.tensors(), pristine.tensors()))
+        grads = []
+        for i, leaf in zip(inputs.differentiable, leaves):
+            if leaf.grad is None:
+                raise ImplementationFault(f"no gradient reached input {i}")
+            grads.append(leaf.grad.double())
+        loss_err = rel_l2(out.detach().double(), ref.loss)
+        grad_rel = max(rel_l2(g, r) for g, r in zip(grads, ref.grads))
+        row_max = max(worst_row_err(g, r, inputs.class_dim) for g, r in zip(grads, ref.grads))
+        abs_max = max(max_abs_err(g, r) for g, r in zip(grads, ref.grads))
+        torch_dtype = inputs.args[0].dtype
+        floor = max(worst_row_err(r.to(torch_dtype).double(), r, inputs.class_dim) for r in ref.grads)
+
+    budget = BUDGETS[dtype]
+    ok = all(math.isfinite(e) and e <= budget for e in (loss_err, grad_rel, row_max))
+    return AccuracyResult(
+        loss_rel_err=loss_err,
+        grad_rel_err=grad_rel,
+        grad_row_err_max=row_max,
+        grad_max_abs_err=abs_max,
+        err_vs_floor=row_max / floor if floor > 0 else math.nan,
+        accuracy_ok=ok,
+        mutates_inputs=mutated,
+        first_call_ms=first_call_ms,
+    )
+
+
+def ratio(ours: float, theirs: float) -> float:
+    """ours / theirs for errors: NaN when both are zero, inf when only theirs is."""
+    if theirs == 0:
+        return math.nan if ours == 0 else math.inf
+    return ours / theirs

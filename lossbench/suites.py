@@ -1,0 +1,117 @@
+"""Suites are TOML data a user can copy and edit (see suites/quick.toml); this module expands them.
+
+Top-level keys give defaults; each [[group]] names `families` and may override `shapes`, `dtypes`,
+`modes`, `input_dists`; every other key in a group is a family option, and a list of values expands
+as a grid. The CLI's filters then narrow the plan (--family, --dtype, --mode) or replace its shapes.
+"""
+from __future__ import annotations
+
+import itertools
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .cases import Case, parse_dtype, parse_shape
+from .errors import UsageError
+from .families import FAMILIES, INPUT_DISTS, MODES, get_family
+
+SUITE_DIR = Path(__file__).parent / "suites"
+AXES = ("shapes", "dtypes", "modes", "input_dists")
+DEFAULTS = {"shapes": ["4096x8192"], "dtypes": ["float32"], "modes": list(MODES), "input_dists": ["normal"]}
+DEFAULT_BUDGET_S = 0.5
+
+
+@dataclass
+class Plan:
+    items: list[tuple[Case, tuple[str, ...]]] = field(default_factory=list)  # (case, modes)
+    budget_s: float = DEFAULT_BUDGET_S
+    name: str = "default"
+
+    @property
+    def n_rows_per_impl(self) -> int:
+        return sum(len(modes) for _, modes in self.items)
+
+
+def suite_names() -> list[str]:
+    return sorted(p.stem for p in SUITE_DIR.glob("*.toml"))
+
+
+def load_suite(name_or_file: str) -> tuple[str, dict[str, Any]]:
+    path = Path(name_or_file)
+    if not (name_or_file.endswith(".toml") and path.is_file()):
+        path = SUITE_DIR / f"{name_or_file}.toml"
+        if not path.is_file():
+            raise UsageError(f"unknown suite {name_or_file!r} (built in: {', '.join(suite_names())}; or a .toml file)")
+    try:
+        return path.stem, tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"suite {str(path)!r} is not valid TOML: {exc}") from None
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _check_axis(axis: str, values: list[str]) -> None:
+    for v in values:
+        if axis == "dtypes":
+            parse_dtype(v)
+        elif axis == "modes" and v not in MODES:
+            raise UsageError(f"unknown mode {v!r} (known: {', '.join(MODES)})")
+        elif axis == "input_dists" and v not in INPUT_DISTS:
+            raise UsageError(f"unknown input_dist {v!r} (known: {', '.join(INPUT_DISTS)})")
+        elif axis == "shapes":
+            parse_shape(v)
+
+
+def build_plan(suite: dict[str, Any] | None, *, devices: list[str], name: str = "default",
+               families: list[str] | None = None, dtypes: list[str] | None = None,
+               modes: list[str] | None = None, shapes: list[str] | None = None) -> Plan:
+    """Expand a suite (or, without one, each family's torch-default case) under the CLI's filters."""
+    for axis, values in (("dtypes", dtypes), ("modes", modes), ("shapes", shapes)):
+        if values is not None:
+            _check_axis(axis, values)
+    for fam in families or []:
+        get_family(fam)
+
+    if suite is None:
+        top = {**DEFAULTS, "dtypes": dtypes or DEFAULTS["dtypes"], "modes": modes or DEFAULTS["modes"]}
+        groups = [{"families": list(FAMILIES)}]
+        budget = DEFAULT_BUDGET_S
+    else:
+        unknown = set(suite) - {"description", "budget_s", "group", *AXES}
+        if unknown:
+            raise UsageError(f"suite {name!r}: unknown key {sorted(unknown)[0]!r}")
+        top = {**DEFAULTS, **{a: suite[a] for a in AXES if a in suite}}
+        groups = suite.get("group", [])
+        budget = float(suite.get("budget_s", DEFAULT_BUDGET_S))
+
+    plan: dict[Case, list[str]] = {}
+    for group in groups:
+        axes = {a: _as_list(group.get(a, top[a])) for a in AXES}
+        for a, values in axes.items():
+            _check_axis(a, values)
+        if shapes:
+            axes["shapes"] = shapes
+        if dtypes:
+            axes["dtypes"] = [d for d in axes["dtypes"] if d in dtypes]
+        if modes:
+            axes["modes"] = [m for m in axes["modes"] if m in modes]
+        option_keys = [k for k in group if k not in (*AXES, "families")]
+        option_grid = [dict(zip(option_keys, combo))
+                       for combo in itertools.product(*(_as_list(group[k]) for k in option_keys))]
+        for fam in _as_list(group.get("families", [])):
+            get_family(fam)
+            if families and fam not in families:
+                continue
+            for shape, dtype, dist, opts, device in itertools.product(
+                    axes["shapes"], axes["dtypes"], axes["input_dists"], option_grid, devices):
+                n, c = parse_shape(shape)
+                case = Case.make(fam, n, c, dtype, device, dist, opts)
+                merged = plan.setdefault(case, [])
+                merged += [m for m in axes["modes"] if m not in merged]
+    items = [(case, tuple(m for m in MODES if m in ms)) for case, ms in plan.items() if ms]
+    if not items:
+        raise UsageError("nothing to run: the filters leave no case (check --family, --dtype, --mode)")
+    return Plan(items, budget, name)

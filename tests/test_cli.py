@@ -1,0 +1,142 @@
+"""The command line: a small real run, plugins, unsupported and failing implementations, bad input."""
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from lossbench import load_results
+from lossbench.cli import main
+
+TINY = ["--shape", "64x10", "--dtype", "float32", "--budget", "0.01"]
+
+
+def _run(tmp_path, *args):
+    return main(["run", "--out", str(tmp_path), *TINY, *args])
+
+
+def test_small_run_writes_complete_rows(tmp_path, capsys):
+    rc = _run(tmp_path, "--family", "nll,ce,kl", "--impl", "torch_functional,torch_module,torch_composed")
+    out = capsys.readouterr().out
+    assert rc == 0
+    df = load_results(tmp_path)
+    assert set(df["family"]) == {"nll", "ce", "kl"}
+    assert len(df) == 3 * 3 * 3  # families x impls x modes
+    assert (df["status"] == "ok").all()
+    assert (df["samples"] >= 5).all()
+    assert df["raw_ms"].map(len).equals(df["samples"])
+    assert (df["time_ci_low_ms"] <= df["time_median_ms"]).all()
+    assert (df["time_median_ms"] <= df["time_ci_high_ms"]).all()
+    assert df["accuracy_ok"].all() and (df["grad_rel_err"] < 1e-5).all()
+    assert df["run_id"].nunique() == 1 and df["threads"].iloc[0] == torch.get_num_threads()
+    for family in ("nll", "ce", "kl"):
+        assert f"{family} (" in out
+    meta = json.loads(next(tmp_path.glob("*.meta.json")).read_text())
+    assert meta["state"] == "complete" and meta["rows"] == len(df)
+
+
+PLUGIN = textwrap.dedent('''
+    import torch.nn.functional as F
+    import lossbench
+
+    @lossbench.register(family="ce", name="plugin_ok")
+    def plugin_ok(logits, target, **kw):
+        return F.cross_entropy(logits, target, **kw)
+
+    @lossbench.register(family="ce", name="plugin_refuses")
+    def plugin_refuses(logits, target, **kw):
+        raise NotImplementedError("no weights here")
+
+    @lossbench.register(family="ce", name="plugin_no_sum", unsupported=("reduction=sum",), dtypes=("float64",))
+    def plugin_no_sum(logits, target, **kw):
+        return F.cross_entropy(logits, target, **kw)
+
+    @lossbench.register(family="ce", name="plugin_breaks")
+    def plugin_breaks(logits, target, **kw):
+        raise RuntimeError("kernel launch failed")
+''')
+
+
+def test_plugin_rows_unsupported_and_error(tmp_path):
+    plugin = tmp_path / "my_plugin.py"
+    plugin.write_text(PLUGIN)
+    out = tmp_path / "res"
+    rc = main(["run", "--out", str(out), *TINY, "--family", "ce", "--mode", "fwd_bwd", "--plugin", str(plugin),
+               "--impl", "torch_functional,plugin_ok,plugin_refuses,plugin_no_sum,plugin_breaks"])
+    assert rc == 1  # an error row makes the run fail, after every other row is written
+    df = load_results(out).set_index("impl")
+    assert df.loc["plugin_ok", "status"] == "ok"
+    assert df.loc["plugin_refuses", "status"] == "unsupported"
+    assert "no weights here" in df.loc["plugin_refuses", "error"]
+    assert df.loc["plugin_no_sum", "status"] == "unsupported"
+    assert "float32" in df.loc["plugin_no_sum", "error"]
+    assert df.loc["plugin_breaks", "status"] == "error"
+    assert "kernel launch failed" in df.loc["plugin_breaks", "error"]
+    assert math.isclose(df.loc["plugin_ok", "err_ratio_vs_torch"], 1.0)
+
+
+def test_torch_compile_reports_compile_time_apart(tmp_path):
+    rc = _run(tmp_path, "--family", "kl", "--impl", "torch_compile,torch_functional", "--mode", "fwd,fwd_bwd")
+    assert rc == 0
+    df = load_results(tmp_path)
+    compiled = df[df["impl"] == "torch_compile"]
+    assert (compiled["status"] == "ok").all() and compiled["accuracy_ok"].all()
+    # Compilation takes far longer than a steady-state call, and stays out of the samples.
+    assert (compiled["compile_ms"] > 20 * compiled["time_median_ms"]).all()
+    assert (compiled["time_median_ms"] < 50).all()
+    assert df[df["impl"] == "torch_functional"]["compile_ms"].isna().all()
+
+
+def test_list_and_report(tmp_path, capsys):
+    assert main(["list"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("torch_module", "torch_functional", "torch_composed", "torch_compile"):
+        assert name in listing
+    assert _run(tmp_path, "--family", "nll", "--impl", "torch_functional,torch_composed") == 0
+    capsys.readouterr()
+    assert main(["report", str(tmp_path)]) == 0
+    assert "torch_composed" in capsys.readouterr().out
+
+
+BAD = [
+    (["--family", "hinge"], "unknown family 'hinge'"),
+    (["--impl", "torch_fast"], "unknown implementation 'torch_fast'"),
+    (["--suite", "nightly-xl"], "unknown suite 'nightly-xl'"),
+    (["--shape", "64by10"], "malformed shape '64by10'"),
+    (["--dtype", "float8"], "unknown dtype 'float8'"),
+    (["--mode", "fast"], "unknown mode 'fast'"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--plugin", "no_such_module_xyz"], "plugin 'no_such_module_xyz' failed to import"),
+    (["--budget", "-1"], "--budget must be positive"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD)
+def test_bad_input_is_one_line_exit_2_and_no_run_file(tmp_path, capsys, args, message):
+    rc = main(["run", "--out", str(tmp_path / "res"), *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and message in err and err.startswith("lossbench: error:")
+    assert not (tmp_path / "res").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_unavailable_cuda_device(tmp_path, capsys):
+    assert main(["run", "--out", str(tmp_path), "--device", "cuda"]) == 2
+    assert "not available" in capsys.readouterr().err
+
+
+def test_broken_plugin_file_exits_2_without_traceback(tmp_path):
+    plugin = tmp_path / "broken.py"
+    plugin.write_text("import lossbench\nimport not_installed_dependency\n")
+    proc = subprocess.run([sys.executable, "-m", "lossbench", "run", "--plugin", str(plugin), "--out",
+                           str(tmp_path / "res")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"lossbench: error: plugin '{plugin}' failed to import: ModuleNotFoundError: No module named 'not_installed_dependency'"]
+    assert not (tmp_path / "res").exists()

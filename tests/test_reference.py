@@ -1,0 +1,92 @@
+"""The float64 reference: hand-computed values, and torch in float64 over the variant grid."""
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lossbench import reference
+from lossbench.cases import Inputs, make_inputs
+
+D = torch.float64
+
+
+def _ref(family, args, grad_output=1.0, **kwargs):
+    inputs = Inputs(list(args), kwargs, (0,), torch.tensor(grad_output, dtype=D))
+    return reference.compute(family, inputs)
+
+
+def test_nll_hand_computed():
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]], dtype=D)
+    t = torch.tensor([1, 0])
+    assert _ref("nll", (logp, t), reduction="mean").loss.item() == pytest.approx((2 + 0.5) / 2)
+    assert _ref("nll", (logp, t), reduction="sum").loss.item() == pytest.approx(2.5)
+    w = torch.tensor([2.0, 1.0], dtype=D)
+    # weighted mean: (1*2 + 2*0.5) / (1 + 2)
+    assert _ref("nll", (logp, t), weight=w).loss.item() == pytest.approx(1.0)
+    r = _ref("nll", (logp, torch.tensor([-100, 0])), reduction="mean")
+    assert r.loss.item() == pytest.approx(0.5)
+    assert r.grads[0].tolist() == [[0.0, 0.0], [-1.0, 0.0]]
+
+
+def test_ce_hand_computed():
+    logits = torch.tensor([[0.0, math.log(3.0)]], dtype=D)  # softmax = [1/4, 3/4]
+    t = torch.tensor([0])
+    r = _ref("ce", (logits, t))
+    assert r.loss.item() == pytest.approx(math.log(4))
+    torch.testing.assert_close(r.grads[0], torch.tensor([[-0.75, 0.75]], dtype=D))
+    # label smoothing 0.5 over 2 classes: target (0.75, 0.25)
+    r = _ref("ce", (logits, t), label_smoothing=0.5)
+    assert r.loss.item() == pytest.approx(0.75 * math.log(4) + 0.25 * math.log(4 / 3))
+    torch.testing.assert_close(r.grads[0], torch.tensor([[0.25 - 0.75, 0.75 - 0.25]], dtype=D))
+    # probability target (0.5, 0.5)
+    r = _ref("ce", (logits, torch.tensor([[0.5, 0.5]], dtype=D)))
+    assert r.loss.item() == pytest.approx(0.5 * math.log(4) + 0.5 * math.log(4 / 3))
+
+
+def test_ce_all_ignored_is_nan_with_zero_gradient():
+    r = _ref("ce", (torch.randn(3, 4, dtype=D), torch.full((3,), -100)), label_smoothing=0.1)
+    assert math.isnan(r.loss.item())
+    assert torch.equal(r.grads[0], torch.zeros(3, 4, dtype=D))
+
+
+def test_kl_hand_computed():
+    log_q = torch.log(torch.tensor([[0.5, 0.5], [0.25, 0.75]], dtype=D))
+    p = torch.tensor([[1.0, 0.0], [0.5, 0.5]], dtype=D)  # a zero target contributes 0 (0 log 0 = 0)
+    expected = math.log(2) + 0.5 * math.log(2) + 0.5 * math.log(0.5 / 0.75)
+    assert _ref("kl", (log_q, p), reduction="sum").loss.item() == pytest.approx(expected)
+    r = _ref("kl", (log_q, p), reduction="batchmean")
+    assert r.loss.item() == pytest.approx(expected / 2)
+    torch.testing.assert_close(r.grads[0], -p / 2)
+    assert _ref("kl", (log_q, p), reduction="mean").loss.item() == pytest.approx(expected / 4)
+    r = _ref("kl", (log_q, torch.log(torch.tensor([[0.9, 0.1], [0.5, 0.5]], dtype=D))), reduction="sum", log_target=True)
+    assert r.loss.item() == pytest.approx(0.9 * math.log(1.8) + 0.1 * math.log(0.2) + 0.5 * math.log(2) + 0.5 * math.log(2 / 3))
+
+
+GRID = {
+    "nll": [dict(reduction=r, weight=w, ignore_frac=i) for r, w, i in
+            itertools.product(["none", "mean", "sum"], [False, True], [0.0, 0.3, 1.0])],
+    "ce": [dict(reduction=r, weight=w, ignore_frac=i, label_smoothing=s) for r, w, i, s in
+           itertools.product(["none", "mean", "sum"], [False, True], [0.0, 0.3, 1.0], [0.0, 0.2])]
+    + [dict(target="prob", reduction=r, weight=w, label_smoothing=s) for r, w, s in
+       itertools.product(["none", "mean", "sum"], [False, True], [0.0, 0.2])]
+    + [dict(spatial=3, noncontig=True, reduction="none", weight=True), dict(spatial=2, target="prob")],
+    "kl": [dict(reduction=r, log_target=lt) for r, lt in
+           itertools.product(["none", "batchmean", "sum", "mean"], [False, True])] + [dict(spatial=3, noncontig=True)],
+}
+TORCH = {"nll": F.nll_loss, "ce": F.cross_entropy, "kl": F.kl_div}
+
+
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides")
+@pytest.mark.parametrize("dist", ["normal", "peaked"])
+@pytest.mark.parametrize("family", list(GRID))
+def test_reference_matches_torch_in_float64(case, family, dist):
+    for options in GRID[family]:
+        inputs = make_inputs(case(family, n=12, c=7, dtype="float64", dist=dist, **options))
+        ref = reference.compute(family, inputs)
+        x = inputs.args[0].clone().requires_grad_(True)
+        out = TORCH[family](x, *inputs.args[1:], **inputs.kwargs)
+        out.backward(inputs.grad_output)
+        torch.testing.assert_close(out, ref.loss, equal_nan=True, rtol=1e-12, atol=1e-14, msg=str(options))
+        torch.testing.assert_close(x.grad, ref.grads[0], rtol=1e-12, atol=1e-14, msg=str(options))

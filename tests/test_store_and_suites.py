@@ -1,0 +1,70 @@
+"""Result files load whole or torn; suites expand as documented."""
+import json
+
+import pytest
+
+from lossbench import load_results
+from lossbench.errors import UsageError
+from lossbench.records import COLUMNS
+from lossbench.suites import build_plan, load_suite
+
+
+def test_torn_last_line_is_skipped_with_a_warning(tmp_path):
+    rows = [{"run_id": "a", "impl": "x", "time_median_ms": 1.0}, {"run_id": "a", "impl": "y", "time_median_ms": float("inf")}]
+    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"run_id": "a", "impl": "z", "time_med'
+    (tmp_path / "a.jsonl").write_text(text)
+    (tmp_path / "b.jsonl").write_text(json.dumps({"run_id": "b", "impl": "x"}) + "\n")
+    (tmp_path / "a.meta.json").write_text("{}")  # not a row file: ignored
+    with pytest.warns(UserWarning, match="line 3 is not a complete row"):
+        df = load_results(tmp_path)
+    assert list(df["impl"]) == ["x", "y", "x"]
+    assert list(df.columns[: len(COLUMNS)]) == COLUMNS
+    assert df["time_median_ms"].iloc[1] == float("inf")
+
+
+def test_missing_results_path():
+    with pytest.raises(UsageError, match="no results"):
+        load_results("/nonexistent/results")
+
+
+def test_quick_suite_covers_defaults_in_both_dists_and_every_dtype():
+    name, suite = load_suite("quick")
+    plan = build_plan(suite, devices=["cpu"], name=name)
+    cases = [c for c, _ in plan.items]
+    dtypes = {c.dtype for c in cases}
+    for family in ("nll", "ce", "kl"):
+        for dtype in dtypes:
+            dists = {c.input_dist for c in cases if c.family == family and c.dtype == dtype and not c.non_default_options}
+            assert dists == {"normal", "peaked"}, (family, dtype)
+    # variants: every reduction, weights, ignore (some and all), smoothing with ignore, prob targets, log_target, layout
+    opts = [c.non_default_options for c in cases]
+    for want in ({"reduction": "none"}, {"reduction": "sum"}, {"ignore_frac": 1.0, "label_smoothing": 0.1},
+                 {"target": "prob"}, {"log_target": True}):
+        assert any(want.items() <= o.items() for o in opts), want
+    assert any(o.get("spatial") and o.get("noncontig") for o in opts)
+
+
+def test_filters_and_shape_override():
+    name, suite = load_suite("quick")
+    plan = build_plan(suite, devices=["cpu"], families=["kl"], dtypes=["bfloat16"], modes=["fwd"], shapes=["8x16"])
+    assert {(c.family, c.dtype, c.n, c.c) for c, _ in plan.items} == {("kl", "bfloat16", 8, 16)}
+    assert all(m == ("fwd",) for _, m in plan.items)
+    with pytest.raises(UsageError, match="nothing to run"):
+        build_plan(suite, devices=["cpu"], dtypes=["float64"])
+
+
+def test_default_plan_is_each_familys_torch_default():
+    plan = build_plan(None, devices=["cpu"], shapes=["32x8"])
+    assert sorted(c.family for c, _ in plan.items) == ["ce", "kl", "nll"]
+    assert all(not c.non_default_options and m == ("fwd", "fwd_bwd", "bwd") for c, m in plan.items)
+
+
+def test_bad_suite_file(tmp_path):
+    bad = tmp_path / "mine.toml"
+    bad.write_text("[[group]]\nfamilies = ['ce']\nsmoothing = 0.1\n")
+    name, suite = load_suite(str(bad))
+    with pytest.raises(UsageError, match="no option 'smoothing'"):
+        build_plan(suite, devices=["cpu"], name=name)
+    bad.write_text("[[group]\n")
+    with pytest.raises(UsageError, match="not valid TOML"):
+        load_suite(str(bad))
