@@ -74,7 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     err.print(f"lossbench run {run_id}: suite {plan.name}, {len(plan.items)} cases, {total} rows, "
               f"devices {', '.join(devs)}, {threads} CPU threads -> {writer.path}")
     start = time.perf_counter()
-    state = "interrupted"
+    state = "failed"  # a bug in the harness itself: its traceback is shown, the rows so far are kept
     try:
         with Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=err, transient=False) as progress:
@@ -83,6 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                   lambda what: progress.update(task, advance=1, description=what)).run()
         state = "complete"
     except KeyboardInterrupt:
+        state = "interrupted"
         err.print(f"interrupted: {writer.meta['rows']} rows kept in {writer.path}")
         return EXIT_INTERRUPTED
     finally:

@@ -77,7 +77,9 @@ def register(*, family: str, name: str, devices: Iterable[str] | None = None,
 
 def implementations(family: str | None = None) -> list[Implementation]:
     _load_builtins()
-    return [impl for (fam, _), impl in _REGISTRY.items() if family in (None, fam)]
+    order = list(FAMILIES)
+    chosen = [impl for (fam, _), impl in _REGISTRY.items() if family in (None, fam)]
+    return sorted(chosen, key=lambda impl: order.index(impl.family))  # stable: registration order within a family
 
 
 def get(family: str, name: str) -> Implementation:
