@@ -52,7 +52,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     devs = devices.resolve(args.device)
     name, suite = suites.load_suite(args.suite) if args.suite else ("default", None)
     plan = suites.build_plan(suite, devices=devs, name=name, families=_csv(args.family),
-                             dtypes=_csv(args.dtype), modes=_csv(args.mode), shapes=_csv(args.shape))
+                             dtypes=_csv(args.dtype), modes=_csv(args.mode), shapes=_csv(args.shape),
+                             input_dists=_csv(args.input_dist))
     if args.budget is not None:
         if args.budget <= 0:
             raise UsageError(f"--budget must be positive seconds, not {args.budget}")
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help="cpu | cuda | cuda:N | all (default: the best available)")
     run.add_argument("--dtype", help="comma-separated: float32,bfloat16,float16,float64")
     run.add_argument("--mode", help="comma-separated: fwd,fwd_bwd,bwd")
+    run.add_argument("--input-dist", help="comma-separated: normal,peaked (default without a suite: normal)")
     run.add_argument("--shape", help="NxC[,NxC...]: replaces the suite's shapes")
     run.add_argument("--out", default="results", help="results folder (default: results/)")
     run.add_argument("--plugin", action="append", default=[], help="module or .py file registering implementations (repeatable)")

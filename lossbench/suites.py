@@ -2,7 +2,8 @@
 
 Top-level keys give defaults; each [[group]] names `families` and may override `shapes`, `dtypes`,
 `modes`, `input_dists`; every other key in a group is a family option, and a list of values expands
-as a grid. The CLI's filters then narrow the plan (--family, --dtype, --mode) or replace its shapes.
+as a grid. The CLI's filters then narrow the plan (--family, --dtype, --mode, --input-dist) or
+replace its shapes (--shape).
 """
 from __future__ import annotations
 
@@ -67,16 +68,18 @@ def _check_axis(axis: str, values: list[str]) -> None:
 
 def build_plan(suite: dict[str, Any] | None, *, devices: list[str], name: str = "default",
                families: list[str] | None = None, dtypes: list[str] | None = None,
-               modes: list[str] | None = None, shapes: list[str] | None = None) -> Plan:
+               modes: list[str] | None = None, shapes: list[str] | None = None,
+               input_dists: list[str] | None = None) -> Plan:
     """Expand a suite (or, without one, each family's torch-default case) under the CLI's filters."""
-    for axis, values in (("dtypes", dtypes), ("modes", modes), ("shapes", shapes)):
+    filters = {"dtypes": dtypes, "modes": modes, "input_dists": input_dists}
+    for axis, values in (*filters.items(), ("shapes", shapes)):
         if values is not None:
             _check_axis(axis, values)
     for fam in families or []:
         get_family(fam)
 
     if suite is None:
-        top = {**DEFAULTS, "dtypes": dtypes or DEFAULTS["dtypes"], "modes": modes or DEFAULTS["modes"]}
+        top = {**DEFAULTS, **{axis: values for axis, values in filters.items() if values}}
         groups = [{"families": list(FAMILIES)}]
         budget = DEFAULT_BUDGET_S
     else:
@@ -94,10 +97,9 @@ def build_plan(suite: dict[str, Any] | None, *, devices: list[str], name: str = 
             _check_axis(a, values)
         if shapes:
             axes["shapes"] = shapes
-        if dtypes:
-            axes["dtypes"] = [d for d in axes["dtypes"] if d in dtypes]
-        if modes:
-            axes["modes"] = [m for m in axes["modes"] if m in modes]
+        for axis, values in filters.items():
+            if values:
+                axes[axis] = [v for v in axes[axis] if v in values]
         option_keys = [k for k in group if k not in (*AXES, "families")]
         option_grid = [dict(zip(option_keys, combo))
                        for combo in itertools.product(*(_as_list(group[k]) for k in option_keys))]
@@ -113,5 +115,5 @@ def build_plan(suite: dict[str, Any] | None, *, devices: list[str], name: str = 
                 merged += [m for m in axes["modes"] if m not in merged]
     items = [(case, tuple(m for m in MODES if m in ms)) for case, ms in plan.items() if ms]
     if not items:
-        raise UsageError("nothing to run: the filters leave no case (check --family, --dtype, --mode)")
+        raise UsageError("nothing to run: the filters leave no case (check --family, --dtype, --mode, --input-dist)")
     return Plan(items, budget, name)

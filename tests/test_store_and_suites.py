@@ -51,6 +51,11 @@ def test_filters_and_shape_override():
     assert all(m == ("fwd",) for _, m in plan.items)
     with pytest.raises(UsageError, match="nothing to run"):
         build_plan(suite, devices=["cpu"], dtypes=["float64"])
+    peaked = build_plan(suite, devices=["cpu"], input_dists=["peaked"])
+    assert {c.input_dist for c, _ in peaked.items} == {"peaked"}
+    assert {c.input_dist for c, _ in build_plan(None, devices=["cpu"], input_dists=["peaked"]).items} == {"peaked"}
+    with pytest.raises(UsageError, match="unknown input_dist 'spiky'"):
+        build_plan(suite, devices=["cpu"], input_dists=["spiky"])
 
 
 def test_default_plan_is_each_familys_torch_default():

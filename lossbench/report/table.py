@@ -27,10 +27,12 @@ def _cell(row: pd.Series, base: pd.Series | None) -> str:
     if row["status"] != "ok":
         return f"[yellow]{row['status']}[/]" if row["status"] == "unsupported" else f"[red]{row['status']}[/]"
     mark = "" if row["accuracy_ok"] else " [red]✗[/]"
-    err = f"err×{_fmt_ratio(row['err_ratio_vs_torch'])}"
+    exact = row["grad_row_err_max"] == 0
+    err = "exact" if exact else f"err×{_fmt_ratio(row['err_ratio_vs_torch'])}"
     if row["impl"] == BASELINE or base is None or base["status"] != "ok":
         ci = f"[{_fmt_ms(row['time_ci_low_ms'])}, {_fmt_ms(row['time_ci_high_ms'])}]"
-        return f"{_fmt_ms(row['time_median_ms'])} {ci} err {row['grad_row_err_max']:.1e}{mark}"
+        own_err = "exact" if exact else f"err {row['grad_row_err_max']:.1e}"
+        return f"{_fmt_ms(row['time_median_ms'])} {ci} {own_err}{mark}"
     speedup = base["time_median_ms"] / row["time_median_ms"]
     return f"{speedup:.2f}× {err}{mark}"
 
