@@ -56,9 +56,10 @@ def device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(torch.device(device))
+def synchronize(device: str | torch.device) -> None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def release_memory(device: str) -> None:

@@ -29,10 +29,6 @@ class Plan:
     budget_s: float = DEFAULT_BUDGET_S
     name: str = "default"
 
-    @property
-    def n_rows_per_impl(self) -> int:
-        return sum(len(modes) for _, modes in self.items)
-
 
 def suite_names() -> list[str]:
     return sorted(p.stem for p in SUITE_DIR.glob("*.toml"))

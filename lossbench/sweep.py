@@ -61,26 +61,32 @@ class Sweep:
     def _run_case(self, case: Case, modes: tuple[str, ...]) -> None:
         pristine = make_inputs(case)
         ref = reference.compute(case.family, pristine)
-        torch_err = self._baseline_err(case, pristine, ref)
+        measured: dict[str, accuracy.AccuracyResult | Exception] = {}
+
+        def accuracy_of(impl: Implementation) -> accuracy.AccuracyResult | Exception:
+            # One accuracy call per implementation and case; the baseline's serves every ratio.
+            if impl.name not in measured:
+                try:
+                    measured[impl.name] = accuracy.measure(impl.fn, pristine, ref, case.dtype)
+                except Exception as exc:
+                    measured[impl.name] = exc
+            return measured[impl.name]
+
+        baseline = accuracy_of(get(case.family, BASELINE))
+        # torch itself unable to run the case: no ratio (NaN), and its own rows say why.
+        torch_err = math.nan if isinstance(baseline, Exception) else baseline.grad_row_err_max
         for impl in self.impls_for(case.family):
-            self._run_impl(case, impl, modes, pristine, ref, torch_err)
+            self._run_impl(case, impl, modes, pristine, accuracy_of, torch_err)
             gc.collect()
             devices.release_memory(case.device)
 
-    def _baseline_err(self, case: Case, pristine, ref) -> float:
-        try:
-            return accuracy.measure(get(case.family, BASELINE).fn, pristine, ref, case.dtype).grad_row_err_max
-        except Exception:  # torch itself unable to run the case: no ratio, rows say so as NaN
-            return math.nan
-
-    def _run_impl(self, case: Case, impl: Implementation, modes, pristine, ref, torch_err: float) -> None:
+    def _run_impl(self, case: Case, impl: Implementation, modes, pristine, accuracy_of, torch_err: float) -> None:
         reason = impl.why_unsupported(case)
         if reason:
             return self._rows(case, impl, modes, status="unsupported", error=reason)
-        try:
-            acc = accuracy.measure(impl.fn, pristine, ref, case.dtype)
-        except Exception as exc:
-            return self._rows(case, impl, modes, status=_status_of(exc), error=_message(exc))
+        acc = accuracy_of(impl)
+        if isinstance(acc, Exception):
+            return self._rows(case, impl, modes, status=_status_of(acc), error=_message(acc))
         mutates = acc.mutates_inputs or impl.mutates_inputs
         acc_fields = dict(
             loss_rel_err=acc.loss_rel_err, grad_rel_err=acc.grad_rel_err, grad_row_err_max=acc.grad_row_err_max,

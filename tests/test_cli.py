@@ -11,6 +11,7 @@ import torch
 
 from lossbench import load_results
 from lossbench.cli import main
+from lossbench.records import COLUMNS, STATUSES
 
 TINY = ["--shape", "64x10", "--dtype", "float32", "--budget", "0.01"]
 
@@ -27,6 +28,7 @@ def test_small_run_writes_complete_rows(tmp_path, capsys):
     assert set(df["family"]) == {"nll", "ce", "kl"}
     assert len(df) == 3 * 3 * 3  # families x impls x modes
     assert (df["status"] == "ok").all()
+    assert list(df.columns[: len(COLUMNS)]) == COLUMNS
     assert (df["samples"] >= 5).all()
     assert df["raw_ms"].map(len).equals(df["samples"])
     assert (df["time_ci_low_ms"] <= df["time_median_ms"]).all()
@@ -69,6 +71,7 @@ def test_plugin_rows_unsupported_and_error(tmp_path):
                "--impl", "torch_functional,plugin_ok,plugin_refuses,plugin_no_sum,plugin_breaks"])
     assert rc == 1  # an error row makes the run fail, after every other row is written
     df = load_results(out).set_index("impl")
+    assert set(df["status"]) <= set(STATUSES)
     assert df.loc["plugin_ok", "status"] == "ok"
     assert df.loc["plugin_refuses", "status"] == "unsupported"
     assert "no weights here" in df.loc["plugin_refuses", "error"]

@@ -83,3 +83,27 @@ def test_bwd_mode_builds_a_fresh_graph_each_sample():
         call()
         assert call.out is None
     assert call.leaves[0].grad is not None
+
+
+def test_sweep_detects_mutation_and_times_on_fresh_inputs():
+    from lossbench.cases import Case
+    from lossbench.registry import Implementation, get
+    from lossbench.suites import Plan
+    from lossbench.sweep import Sweep
+
+    seen = []
+
+    def undeclared_scribbler(logits, target, **kw):
+        seen.append(logits.detach().clone())
+        return grad_into_logits(logits, target)
+
+    impl = Implementation("ce", "scribbler", undeclared_scribbler)  # mutation not declared
+    case = Case.make("ce", 32, 10, "float32", "cpu")
+    plan = Plan([(case, ("fwd", "fwd_bwd", "bwd"))], budget_s=0.01)
+    rows = []
+    Sweep(plan, lambda fam: [get("ce", "torch_functional"), impl], lambda d: {}, rows.append).run()
+    mine = [r for r in rows if r["impl"] == "scribbler"]
+    assert [r["status"] for r in mine] == ["ok"] * 3
+    assert all(r["mutates_inputs"] and r["accuracy_ok"] for r in mine)
+    assert not any(r["mutates_inputs"] for r in rows if r["impl"] == "torch_functional")
+    assert len(seen) > 3 * 5 and all(torch.equal(s, seen[0]) for s in seen)

@@ -12,13 +12,17 @@ def _softmax_minus_onehot(logits, target):
     return grad, rows
 
 
-class IgnoresIgnoreIndexInGrad(torch.autograd.Function):
-    """Backward treats ignored rows as if their target were class 0."""
+class _CorrectForward(torch.autograd.Function):
+    reduction = "mean"
 
-    @staticmethod
-    def forward(ctx, logits, target):
+    @classmethod
+    def forward(cls, ctx, logits, target):
         ctx.save_for_backward(logits, target)
-        return F.cross_entropy(logits, target)
+        return F.cross_entropy(logits, target, reduction=cls.reduction)
+
+
+class IgnoresIgnoreIndexInGrad(_CorrectForward):
+    """Backward treats ignored rows as if their target were class 0."""
 
     @staticmethod
     def backward(ctx, g):
@@ -27,13 +31,8 @@ class IgnoresIgnoreIndexInGrad(torch.autograd.Function):
         return (g * grad / (target != -100).sum()).to(logits.dtype), None
 
 
-class RoundsTrueClassToBf16(torch.autograd.Function):
+class RoundsTrueClassToBf16(_CorrectForward):
     """Liger's old bug: p_y rounded to bfloat16 before 1 is subtracted (float32 everywhere else)."""
-
-    @staticmethod
-    def forward(ctx, logits, target):
-        ctx.save_for_backward(logits, target)
-        return F.cross_entropy(logits, target)
 
     @staticmethod
     def backward(ctx, g):
@@ -45,13 +44,10 @@ class RoundsTrueClassToBf16(torch.autograd.Function):
         return (g * grad / len(target)).to(logits.dtype), None
 
 
-class ScalesByFirstGradOutput(torch.autograd.Function):
+class ScalesByFirstGradOutput(_CorrectForward):
     """Liger #968: reduction='none' backward scales every row by grad_output[0]."""
 
-    @staticmethod
-    def forward(ctx, logits, target):
-        ctx.save_for_backward(logits, target)
-        return F.cross_entropy(logits, target, reduction="none")
+    reduction = "none"
 
     @staticmethod
     def backward(ctx, g):

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cases import Inputs
+from ..devices import synchronize
 from ..reference import Reference
 
 # Relative L2 budgets, for the whole gradient and for its worst row. float32 keeps ~7 digits: 1e-4
@@ -85,17 +86,12 @@ class AccuracyResult:
     first_call_ms: float  # forward + backward of the very first call (compilation included)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(fn, pristine: Inputs, ref: Reference, dtype: str) -> AccuracyResult:
     """Call `fn` once (forward + backward) on a copy of `pristine` and compare with `ref`."""
     inputs = pristine.clone()
     leaves = [inputs.args[i].requires_grad_(True) for i in inputs.differentiable]
     device = inputs.args[0].device
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     out = fn(*inputs.args, **inputs.kwargs)
     if not isinstance(out, torch.Tensor):
@@ -105,7 +101,7 @@ def measure(fn, pristine: Inputs, ref: Reference, dtype: str) -> AccuracyResult:
     if not out.requires_grad:
         raise ImplementationFault("output does not require grad: no backward")
     out.backward(inputs.grad_output)
-    _sync(device)
+    synchronize(device)
     first_call_ms = (time.perf_counter() - start) * 1e3
 
     with torch.no_grad():

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lossbench.runners.stats import median_ci, summarize
+from ..devices import synchronize
+from .stats import median_ci, summarize
 
 # Zero-filled between CUDA samples so no sample starts with its operands already in L2.
 _L2_FLUSH_BUFFERS: dict[int, torch.Tensor] = {}
@@ -47,10 +48,6 @@ def _flush_l2(device: torch.device) -> None:
         _L2_FLUSH_BUFFERS[index] = buf
     buf.zero_()
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _cpu_sampler(fn: Callable[[], object]) -> Callable[[], float]:
@@ -118,10 +115,10 @@ def time_callable(
         for i in range(warmup):
             if setup is not None:
                 setup()
-            _sync(device)  # setup's queued GPU work must not count towards the first call
+            synchronize(device)  # setup's queued GPU work must not count towards the first call
             t0 = time.perf_counter()
             fn()
-            _sync(device)
+            synchronize(device)
             if i == 0:
                 first_call_ms = (time.perf_counter() - t0) * 1e3
 
