@@ -95,3 +95,13 @@ def test_metric_helpers():
     assert accuracy.max_abs_err(x, ref) == pytest.approx(0.5)
     assert accuracy.ratio(0.0, 0.0) != accuracy.ratio(0.0, 0.0)  # NaN
     assert accuracy.ratio(1.0, 0.0) == math.inf
+
+
+@pytest.mark.parametrize("impl", ["torch_functional", "torch_module", "torch_composed"])
+@pytest.mark.parametrize("options", [dict(ignore_frac=1.0), dict(ignore_frac=1.0, label_smoothing=0.1, weight=True),
+                                     dict(ignore_frac=0.5, reduction="none"), dict(target="prob", label_smoothing=0.2)])
+def test_torch_implementations_on_ignore_variants(case, impl, options):
+    from lossbench.registry import get
+
+    r = _measure(get("ce", impl).fn, case("ce", **options))
+    assert r.accuracy_ok and r.grad_rel_err < 1e-5, (impl, options)

@@ -54,23 +54,28 @@ register(family="kl", name="torch_functional", description="F.kl_div")(F.kl_div)
 
 
 # --- torch_composed -----------------------------------------------------------------------------
-def _reduce(per_row: torch.Tensor, reduction: str, mean_den: torch.Tensor | float) -> torch.Tensor:
+def _reduce_kept(rows: torch.Tensor, w: torch.Tensor, keep: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Reduce per-row losses over the non-ignored rows. Selecting them (rather than multiplying by a
+    0/1 mask) keeps torch's convention when every row is ignored: a NaN mean with a zero gradient,
+    where mask-multiplying would send inf * 0 = NaN back into every row."""
     if reduction == "none":
-        return per_row
-    return per_row.sum() if reduction == "sum" else per_row.sum() / mean_den
+        return rows * keep
+    kept = rows[keep].sum()
+    return kept if reduction == "sum" else kept / w[keep].sum()
 
 
-def _nll_rows(log_p, target, weight, ignore_index):
+def _picked(log_p, target, weight, ignore_index):
+    """-w[y] * log p[y] per row (ignored rows read class 0 and are dropped later), w[y], and the mask."""
     keep = target != ignore_index
-    picked = log_p.gather(1, target.masked_fill(~keep, 0).unsqueeze(1)).squeeze(1)
-    w = weight[target.masked_fill(~keep, 0)] * keep if weight is not None else keep.to(log_p.dtype)
-    return -picked * w, w
+    safe = target.masked_fill(~keep, 0)
+    w = weight[safe] if weight is not None else torch.ones_like(safe, dtype=log_p.dtype)
+    return -log_p.gather(1, safe.unsqueeze(1)).squeeze(1) * w, w, keep
 
 
-@register(family="nll", name="torch_composed", description="gather + masked weighted mean")
+@register(family="nll", name="torch_composed", description="gather + weighted mean over kept rows")
 def nll_composed(log_probs, target, *, weight=None, ignore_index=-100, reduction="mean"):
-    rows, w = _nll_rows(log_probs, target, weight, ignore_index)
-    return _reduce(rows, reduction, w.sum())
+    rows, w, keep = _picked(log_probs, target, weight, ignore_index)
+    return _reduce_kept(rows, w, keep, reduction)
 
 
 @register(family="ce", name="torch_composed", description="log_softmax + gather (+ smoothing term)")
@@ -81,12 +86,14 @@ def ce_composed(logits, target, *, weight=None, ignore_index=-100, reduction="me
     if target.is_floating_point():
         t = target * (1 - label_smoothing) + label_smoothing / n_classes
         rows = -(t * wc * log_p).sum(1)
-        return _reduce(rows, reduction, rows.numel())
-    rows, w = _nll_rows(log_p, target, weight, ignore_index)
+        if reduction == "none":
+            return rows
+        return rows.sum() if reduction == "sum" else rows.sum() / rows.numel()
+    rows, w, keep = _picked(log_p, target, weight, ignore_index)
     if label_smoothing:
-        smooth = -(log_p * wc).sum(1) * (target != ignore_index)
+        smooth = -(log_p * wc).sum(1)
         rows = (1 - label_smoothing) * rows + (label_smoothing / n_classes) * smooth
-    return _reduce(rows, reduction, w.sum())
+    return _reduce_kept(rows, w, keep, reduction)
 
 
 @register(family="kl", name="torch_composed", description="xlogy(t, t) - t * input, or exp(t) * (t - input)")
