@@ -2,19 +2,22 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
+import warnings
 from collections import Counter
+from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import devices, records, registry, store, suites
+from . import devices, records, registry, store, suites, sweep
 from .errors import UsageError
 from .report.table import family_tables
-from .sweep import Sweep
+from .runners.isolation import IsolatedRunner
 
 EXIT_USAGE, EXIT_FAILED_ROWS, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -46,48 +49,101 @@ def _select_impls(names: list[str] | None, families: set[str]):
     return chosen
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    for plugin in args.plugin:
-        registry.load_plugin(plugin)
-    devs = devices.resolve(args.device)
-    name, suite = suites.load_suite(args.suite) if args.suite else ("default", None)
-    plan = suites.build_plan(suite, devices=devs, name=name, families=_csv(args.family),
-                             dtypes=_csv(args.dtype), modes=_csv(args.mode), shapes=_csv(args.shape),
-                             input_dists=_csv(args.input_dist))
-    if args.budget is not None:
-        if args.budget <= 0:
-            raise UsageError(f"--budget must be positive seconds, not {args.budget}")
-        plan.budget_s = args.budget
-    impls = _select_impls(_csv(args.impl), {case.family for case, _ in plan.items})
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads must be at least 1, not {args.threads}")
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()  # explicit and recorded: CPU timings mean nothing without it
+_PLAN_FLAGS = ("suite", "family", "impl", "device", "dtype", "mode", "input_dist", "shape", "threads", "budget")
 
-    # Everything is validated: only now does a run file exist.
-    run_id = records.new_run_id()
-    provs = {d: {**records.provenance(run_id, d, threads)} for d in devs}
-    writer = store.RunWriter(args.out, run_id, {"suite": plan.name, "argv": sys.argv[1:],
-                                                "provenance": provs, "cases": len(plan.items)})
-    total = sum(len(modes) * len(impls[case.family]) for case, modes in plan.items)
+
+def _spec_from_args(args: argparse.Namespace) -> dict:
+    """Everything that defines a run's plan, resolved (absolute paths, concrete devices), so that
+    --resume rebuilds exactly the same plan from the run's meta file."""
+    def absolute(path_or_name: str | None) -> str | None:
+        if path_or_name and path_or_name.endswith((".py", ".toml")) and Path(path_or_name).is_file():
+            return str(Path(path_or_name).resolve())
+        return path_or_name
+
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be at least 1, not {args.threads}")
+    if args.budget is not None and not args.budget > 0:
+        raise UsageError(f"--budget must be positive seconds, not {args.budget}")
+    return {
+        "suite": absolute(args.suite),
+        **{flag: getattr(args, flag) for flag in ("family", "impl", "dtype", "mode", "input_dist", "shape")},
+        "devices": devices.resolve(args.device),
+        "plugins": [absolute(p) for p in args.plugin],
+        "threads": args.threads or torch.get_num_threads(),
+        "budget": args.budget,
+    }
+
+
+def _plan(spec: dict):
+    for plugin in spec["plugins"]:
+        registry.load_plugin(plugin)
+    devs = devices.resolve(",".join(spec["devices"]))  # still there? (a resumed run may be elsewhere)
+    name, suite = suites.load_suite(spec["suite"]) if spec["suite"] else ("default", None)
+    plan = suites.build_plan(suite, devices=devs, name=name, families=_csv(spec["family"]),
+                             dtypes=_csv(spec["dtype"]), modes=_csv(spec["mode"]), shapes=_csv(spec["shape"]),
+                             input_dists=_csv(spec["input_dist"]))
+    if spec["budget"] is not None:
+        plan.budget_s = spec["budget"]
+    return plan, _select_impls(_csv(spec["impl"]), {case.family for case, _ in plan.items})
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if not (args.timeout > 0 and math.isfinite(args.timeout)):
+        raise UsageError(f"--timeout must be a positive number of seconds, not {args.timeout}")
+    if args.resume:
+        given = [f"--{f.replace('_', '-')}" for f in _PLAN_FLAGS if getattr(args, f) is not None] + \
+                ["--plugin"] * bool(args.plugin)
+        if given:
+            raise UsageError(f"--resume reruns the run's own plan: {given[0]} cannot change it")
+        spec = store.read_meta(args.out, args.resume)["spec"]
+    else:
+        spec = _spec_from_args(args)
+    plan, impls = _plan(spec)
+    torch.set_num_threads(spec["threads"])  # explicit and recorded: CPU timings mean nothing without it
+
+    # Everything is validated: only now is a run file created or reopened.
+    run_id = args.resume or records.new_run_id()
+    provs = {d: records.provenance(run_id, d, spec["threads"]) for d in spec["devices"]}
+    if args.resume:
+        done = store.done_keys(Path(args.out) / f"{run_id}.jsonl")
+        writer = store.RunWriter(args.out, run_id)
+    else:
+        done = set()
+        writer = store.RunWriter(args.out, run_id, {"suite": plan.name, "spec": spec, "provenance": provs})
+    todo = list(sweep.units(plan, lambda fam: impls[fam], done))
+    total = sum(len(unit.modes) for unit in todo)
     err = _console(stderr=True)
-    err.print(f"lossbench run {run_id}: suite {plan.name}, {len(plan.items)} cases, {total} rows, "
-              f"devices {', '.join(devs)}, {threads} CPU threads -> {writer.path}")
+    err.print(f"lossbench run {run_id}: suite {plan.name}, {len(plan.items)} cases, {total} rows to measure"
+              + (f" ({len(done)} already done)" if args.resume else "")
+              + f", devices {', '.join(spec['devices'])}, {spec['threads']} CPU threads -> {writer.path}")
+    if args.in_process:
+        runner = sweep.UnitRunner(provs.__getitem__, plan.budget_s)
+    else:
+        init = {"plugins": spec["plugins"], "threads": spec["threads"], "budget_s": plan.budget_s, "provenance": provs}
+        runner = IsolatedRunner(init, args.timeout, provs.__getitem__)
     start = time.perf_counter()
     state = "failed"  # a bug in the harness itself: its traceback is shown, the rows so far are kept
     try:
         with Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=err, transient=False) as progress:
             task = progress.add_task("starting", total=total)
-            Sweep(plan, lambda fam: impls[fam], lambda d: provs[d], writer.write,
-                  lambda what: progress.update(task, advance=1, description=what)).run()
+
+            def emit(row: dict) -> None:
+                writer.write(row)
+                progress.update(task, advance=1, description=f"{row['family']} {row['impl']} {row['mode']}")
+
+            for unit in todo:
+                progress.update(task, description=f"{unit.case.family} {unit.impl} {unit.case.label()[:24]}")
+                runner.run(unit, emit)
         state = "complete"
     except KeyboardInterrupt:
         state = "interrupted"
-        err.print(f"interrupted: {writer.meta['rows']} rows kept in {writer.path}")
+        err.print(f"interrupted: {writer.meta['rows']} rows kept in {writer.path}; "
+                  f"finish with: lossbench run --resume {run_id} --out {args.out}")
         return EXIT_INTERRUPTED
     finally:
+        if isinstance(runner, IsolatedRunner):
+            runner.close()
         writer.close(state)
     elapsed = time.perf_counter() - start
 
@@ -96,8 +152,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for table in family_tables(df):
         out.print(table)
     counts = Counter(df["status"])
-    out.print(f"{len(df)} rows in {elapsed:.1f} s ({', '.join(f'{n} {s}' for s, n in counts.items())}); "
-              f"results: {writer.path}")
+    out.print(f"{len(df)} rows ({total} measured in {elapsed:.1f} s; "
+              f"{', '.join(f'{n} {s}' for s, n in counts.items())}); results: {writer.path}")
     return EXIT_FAILED_ROWS if set(counts) - {"ok", "unsupported"} else 0
 
 
@@ -142,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--plugin", action="append", default=[], help="module or .py file registering implementations (repeatable)")
     run.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per physical core)")
     run.add_argument("--budget", type=float, help="seconds of sampling per timed row (default: the suite's)")
+    run.add_argument("--timeout", type=float, default=600.0,
+                     help="seconds one implementation may take on one case, all modes (default 600)")
+    run.add_argument("--resume", metavar="RUN_ID", help="measure only what run RUN_ID in --out is missing")
+    run.add_argument("--in-process", action="store_true",
+                     help="no worker process (for debugging): no timeout, and a crash ends the run")
     run.set_defaults(func=cmd_run)
 
     lst = sub.add_parser("list", help="print the registry with capabilities")
@@ -154,10 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"lossbench: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning  # a skipped corrupt line is news, not a traceback
+            args = build_parser().parse_args(argv)
+            return args.func(args)
     except UsageError as exc:
         print(f"lossbench: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

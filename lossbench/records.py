@@ -17,10 +17,13 @@ PROVENANCE = ["run_id", "timestamp", "git_sha", "host", "device", "device_name",
 CASE = ["family", "impl", "n", "c", "h", "dtype", "mode", "options", "input_dist", "label"]
 TIME = ["time_median_ms", "time_p20_ms", "time_p80_ms", "time_ci_low_ms", "time_ci_high_ms", "samples",
         "converged", "compile_ms", "raw_ms"]
+MEMORY = ["peak_mem_bytes", "extra_mem_bytes", "min_mem_bytes", "reserved_mem_bytes"]
 ACCURACY = ["loss_rel_err", "grad_rel_err", "grad_row_err_max", "grad_max_abs_err", "err_vs_floor",
-            "err_ratio_vs_torch", "accuracy_ok", "mutates_inputs", "grad_in_forward"]
+            "err_ratio_vs_torch", "accuracy_ok", "accuracy_note", "mutates_inputs", "grad_in_forward"]
 OUTCOME = ["status", "error"]
-COLUMNS = PROVENANCE + CASE + TIME + ACCURACY + OUTCOME
+COLUMNS = PROVENANCE + CASE + TIME + MEMORY + ACCURACY + OUTCOME
+# What identifies a row within a run: resume measures exactly the keys that are missing.
+KEY = ["device", "family", "impl", "mode", "n", "c", "h", "dtype", "options", "input_dist"]
 STATUSES = ("ok", "unsupported", "error", "oom", "timeout", "crash")
 
 
@@ -66,6 +69,14 @@ def provenance(run_id: str, device: str, threads: int) -> dict[str, Any]:
         "cuda_version": torch.version.cuda,
         "threads": threads,
     }
+
+
+def key(case, impl: str, mode: str) -> tuple:
+    return (case.device, case.family, impl, mode, case.n, case.c, None, case.dtype, case.options_json, case.input_dist)
+
+
+def key_of(row: dict[str, Any]) -> tuple:
+    return tuple(row.get(col) for col in KEY)
 
 
 def row(prov: dict[str, Any], case, impl: str, mode: str, **fields: Any) -> dict[str, Any]:

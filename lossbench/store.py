@@ -8,6 +8,7 @@ error (a NaN where the reference is finite) is a different finding from a missin
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import warnings
@@ -17,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from .errors import UsageError
-from .records import COLUMNS
+from .records import COLUMNS, key_of
 
 
 def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
@@ -30,25 +31,40 @@ def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 class RunWriter:
-    """Appends rows durably: a crash loses at most the row being written."""
+    """Appends rows durably: a crash, even SIGKILL, loses at most the row being written.
 
-    def __init__(self, out_dir: str | Path, run_id: str, meta: dict[str, Any]):
+    The run file is locked while written, so a second process cannot resume a run that is still
+    going; two different runs in one folder never share a file."""
+
+    def __init__(self, out_dir: str | Path, run_id: str, meta: dict[str, Any] | None = None):
         self.dir = Path(out_dir)
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"cannot create output folder {str(self.dir)!r}: {exc.strerror}") from None
         self.path = self.dir / f"{run_id}.jsonl"
         self.meta_path = self.dir / f"{run_id}.meta.json"
-        self.meta = {**meta, "run_id": run_id, "state": "running", "rows": 0}
+        resuming = meta is None
+        if resuming:
+            self.meta = read_meta(self.dir, run_id)
+        else:
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UsageError(f"cannot create output folder {str(self.dir)!r}: {exc.strerror}") from None
+            self.meta = {**meta, "run_id": run_id, "rows": 0}
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            raise UsageError(f"run {run_id} is being written by another process") from None
+        if resuming:
+            _drop_torn_tail(self._file)
+        self.meta["state"] = "running"
         _atomic_write_json(self.meta_path, self.meta)
-        self._file = open(self.path, "a")
 
     def write(self, row: dict[str, Any]) -> None:
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
-        self.meta["rows"] += 1
+        self.meta["rows"] = self.meta.get("rows", 0) + 1
 
     def close(self, state: str) -> None:
         self._file.close()
@@ -56,18 +72,72 @@ class RunWriter:
         _atomic_write_json(self.meta_path, self.meta)
 
 
+def _drop_torn_tail(f) -> None:
+    """A run killed mid-write leaves a partial last line; appending after it would glue the next row
+    onto it. Cut the file back to its last complete line."""
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    if size == 0:
+        return
+    with open(f.name, "rb") as raw:
+        data = raw.read()
+    if data.endswith(b"\n"):
+        return
+    keep = data.rfind(b"\n") + 1
+    warnings.warn(f"{f.name}: dropped a torn last line ({size - keep} bytes) before resuming", stacklevel=3)
+    f.truncate(keep)
+    f.seek(0, os.SEEK_END)
+
+
+def read_meta(out_dir: str | Path, run_id: str) -> dict[str, Any]:
+    path = Path(out_dir) / f"{run_id}.meta.json"
+    if not path.is_file():
+        raise UsageError(f"no run {run_id!r} in {str(out_dir)!r} (expected {path.name})")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UsageError(f"{path} is corrupt: not JSON") from None
+    if not isinstance(meta, dict) or "spec" not in meta:
+        raise UsageError(f"{path} is not a lossbench run description")
+    return meta
+
+
+def done_keys(path: str | Path) -> set[tuple]:
+    """Row keys (records.KEY) already in a run file: resume measures the others."""
+    p = Path(path)
+    return {key_of(r) for r in _read_run_file(p)} if p.is_file() else set()
+
+
+_ROW_FIELDS = {"run_id", "family", "impl"}
+
+
 def _read_run_file(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with open(path) as f:
-        lines = f.read().split("\n")
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    """The rows of one file. Whatever is not a row (a torn last line, garbage, another tool's JSON)
+    is skipped with one warning for the file, and the rows around it are kept."""
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as exc:
+        warnings.warn(f"{path}: unreadable ({exc.strerror}), skipped", stacklevel=3)
+        return []
+    rows, bad = [], []
+    lines = [(i, line) for i, line in enumerate(text.split("\n"), 1) if line.strip()]
+    for i, line in lines:
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            # A run killed mid-write leaves a torn last line: skip it, keep everything before it.
-            warnings.warn(f"{path}: line {i} is not a complete row, skipped", stacklevel=3)
+            row = None
+        if isinstance(row, dict) and _ROW_FIELDS <= row.keys():
+            rows.append(row)
+        else:
+            bad.append(i)
+    if bad and not rows:
+        warnings.warn(f"{path}: not a lossbench results file, skipped", stacklevel=3)
+    elif bad == [lines[-1][0]]:
+        warnings.warn(f"{path}: line {bad[0]} is not a complete row (a run killed mid-write?), skipped",
+                      stacklevel=3)
+    elif bad:
+        warnings.warn(f"{path}: {len(bad)} lines are not result rows (first: line {bad[0]}), skipped",
+                      stacklevel=3)
     return rows
 
 

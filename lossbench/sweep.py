@@ -1,119 +1,159 @@
-"""The sweep: for every case, every implementation, every mode -> rows in the store.
+"""The sweep, cut into units: one implementation on one case, in the modes the plan asks for.
 
-Per case the float64 reference is computed once; torch_functional's accuracy is measured first
-(the yardstick for err_ratio_vs_torch, even when --impl leaves it out of the table); then each
-implementation gets one accuracy call (which also detects writes into inputs) and a timing per mode.
-A failure costs that implementation's rows for that case, never the sweep.
+A unit is what fails alone. `UnitRunner.run` executes it in the current process (a worker, under
+runners.isolation, or the CLI itself with --in-process): one accuracy call (which also detects writes
+into inputs), then per mode a timing and a peak-memory call, each emitted as a row.
+Per case the float64 reference and torch_functional's accuracy (the yardstick for
+err_ratio_vs_torch, even when --impl leaves it out) are computed once and kept while that case's
+units run.
 """
 from __future__ import annotations
 
 import gc
 import math
 import warnings
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
 from . import devices, records, reference
-from .cases import Case, make_inputs
+from .cases import Case, Inputs, make_inputs
 from .registry import Implementation, get
-from .runners import accuracy, stats
+from .runners import accuracy, memory, stats
 from .runners.calls import ModeCall
 from .runners.timing import time_callable
 from .suites import Plan
 
 BASELINE = "torch_functional"
+Emit = Callable[[dict[str, Any]], None]
 
 
-def _status_of(exc: BaseException) -> str:
+@dataclass(frozen=True)
+class Unit:
+    case: Case
+    impl: str
+    modes: tuple[str, ...]
+
+
+def units(plan: Plan, impls_for: Callable[[str], list[Implementation]],
+          done: Iterable[tuple] = ()) -> Iterator[Unit]:
+    """The plan's units, less the (case, impl, mode) rows already in `done` (keys from records.key)."""
+    done = set(done)
+    for case, modes in plan.items:
+        for impl in impls_for(case.family):
+            missing = tuple(m for m in modes if records.key(case, impl.name, m) not in done)
+            if missing:
+                yield Unit(case, impl.name, missing)
+
+
+def status_of(exc: BaseException) -> str:
     if isinstance(exc, NotImplementedError):
         return "unsupported"
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
         return "oom"
+    if isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc):  # torch's CPU allocator
+        return "oom"
     return "error"
 
 
-def _message(exc: BaseException) -> str:
+def message(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip().rstrip(":")
 
 
-class Sweep:
-    def __init__(self, plan: Plan, impls_for: Callable[[str], list[Implementation]],
-                 prov_for: Callable[[str], dict[str, Any]], write: Callable[[dict[str, Any]], None],
-                 advance: Callable[[str], None] = lambda _: None):
-        self.plan, self.impls_for, self.prov_for = plan, impls_for, prov_for
-        self.write, self.advance = write, advance
+@dataclass
+class _CaseState:
+    case: Case
+    pristine: Inputs
+    ref: reference.Reference
+    measured: dict[str, accuracy.AccuracyResult | Exception]
 
-    def run(self) -> None:
+
+class UnitRunner:
+    def __init__(self, prov_for: Callable[[str], dict[str, Any]], budget_s: float):
+        self.prov_for, self.budget_s = prov_for, budget_s
+        self._state: _CaseState | None = None
+
+    def _case_state(self, case: Case) -> _CaseState:
+        if self._state is None or self._state.case != case:
+            self._state = None  # free the previous case's tensors before making this one's
+            gc.collect()
+            pristine = make_inputs(case)
+            self._state = _CaseState(case, pristine, reference.compute(case.family, pristine), {})
+        return self._state
+
+    def _accuracy(self, st: _CaseState, impl: Implementation) -> accuracy.AccuracyResult | Exception:
+        if impl.name not in st.measured:
+            try:
+                st.measured[impl.name] = accuracy.measure(impl.fn, st.pristine, st.ref, st.case.dtype)
+            except Exception as exc:
+                st.measured[impl.name] = exc
+        return st.measured[impl.name]
+
+    def run(self, unit: Unit, emit: Emit) -> None:
+        impl = get(unit.case.family, unit.impl)
         with warnings.catch_warnings():
             # torch warns on every kl_div(reduction="mean") call; the row records the reduction.
             warnings.filterwarnings("ignore", message=".*divides the total loss by both.*")
-            for case, modes in self.plan.items:
-                self._run_case(case, modes)
+            try:
+                self._run(unit.case, impl, unit.modes, emit)
+            finally:
+                gc.collect()
+                devices.release_memory(unit.case.device)
 
-    def _rows(self, case: Case, impl: Implementation, modes: Iterable[str], **fields: Any) -> None:
+    def _emit(self, emit: Emit, case: Case, impl: Implementation, modes: Iterable[str], **fields: Any) -> None:
         prov = self.prov_for(case.device)
         for mode in modes:
-            self.write(records.row(prov, case, impl.name, mode, grad_in_forward=impl.grad_in_forward, **fields))
-            self.advance(f"{case.family} {impl.name} {mode}")
+            emit(records.row(prov, case, impl.name, mode, grad_in_forward=impl.grad_in_forward, **fields))
 
-    def _run_case(self, case: Case, modes: tuple[str, ...]) -> None:
-        pristine = make_inputs(case)
-        ref = reference.compute(case.family, pristine)
-        measured: dict[str, accuracy.AccuracyResult | Exception] = {}
-
-        def accuracy_of(impl: Implementation) -> accuracy.AccuracyResult | Exception:
-            # One accuracy call per implementation and case; the baseline's serves every ratio.
-            if impl.name not in measured:
-                try:
-                    measured[impl.name] = accuracy.measure(impl.fn, pristine, ref, case.dtype)
-                except Exception as exc:
-                    measured[impl.name] = exc
-            return measured[impl.name]
-
-        baseline = accuracy_of(get(case.family, BASELINE))
-        # torch itself unable to run the case: no ratio (NaN), and its own rows say why.
-        torch_err = math.nan if isinstance(baseline, Exception) else baseline.grad_row_err_max
-        for impl in self.impls_for(case.family):
-            self._run_impl(case, impl, modes, pristine, accuracy_of, torch_err)
-            gc.collect()
-            devices.release_memory(case.device)
-
-    def _run_impl(self, case: Case, impl: Implementation, modes, pristine, accuracy_of, torch_err: float) -> None:
+    def _run(self, case: Case, impl: Implementation, modes: tuple[str, ...], emit: Emit) -> None:
         reason = impl.why_unsupported(case)
         if reason:
-            return self._rows(case, impl, modes, status="unsupported", error=reason)
-        acc = accuracy_of(impl)
+            return self._emit(emit, case, impl, modes, status="unsupported", error=reason)
+        st = self._case_state(case)
+        baseline = self._accuracy(st, get(case.family, BASELINE))
+        # torch itself unable to run the case: no ratio (NaN), and its own rows say why.
+        torch_err = math.nan if isinstance(baseline, Exception) else baseline.grad_row_err_max
+        acc = self._accuracy(st, impl)
         if isinstance(acc, Exception):
-            return self._rows(case, impl, modes, status=_status_of(acc), error=_message(acc))
+            return self._emit(emit, case, impl, modes, status=status_of(acc), error=message(acc))
         mutates = acc.mutates_inputs or impl.mutates_inputs
         acc_fields = dict(
             loss_rel_err=acc.loss_rel_err, grad_rel_err=acc.grad_rel_err, grad_row_err_max=acc.grad_row_err_max,
             grad_max_abs_err=acc.grad_max_abs_err, err_vs_floor=acc.err_vs_floor,
             err_ratio_vs_torch=accuracy.ratio(acc.grad_row_err_max, torch_err),
-            accuracy_ok=acc.accuracy_ok, mutates_inputs=mutates,
+            accuracy_ok=acc.accuracy_ok, accuracy_note=acc.note, mutates_inputs=mutates,
         )
         # The accuracy call was this implementation's first call with gradients: for a compiled one it
         # paid the forward and backward compilation, which compile_ms reports apart from steady state.
-        first_grad_call_ms = acc.first_call_ms
         fwd_bwd_median = None
         for mode in sorted(modes, key=lambda m: m != "fwd_bwd"):  # fwd_bwd first: bwd's compile_ms uses it
             try:
-                call = ModeCall(impl.fn, pristine, mode, fresh_inputs=mutates)
-                timing = time_callable(call, setup=call.setup, device=case.device, budget_s=self.plan.budget_s)
+                call = ModeCall(impl.fn, st.pristine, mode, fresh_inputs=mutates)
+                timing = time_callable(call, setup=call.setup, device=case.device, budget_s=self.budget_s)
                 summary = stats.summarize(timing.samples_ms)
+                mem_fields = self._memory(call, case, st, mode)
             except Exception as exc:
-                self._rows(case, impl, [mode], status=_status_of(exc), error=_message(exc), **acc_fields)
+                self._emit(emit, case, impl, [mode], status=status_of(exc), error=message(exc), **acc_fields)
                 continue
             median = summary["time_median_ms"]
             if mode == "fwd_bwd":
                 fwd_bwd_median = median
             compile_ms = None
             if impl.compiles:
-                first = timing.first_call_ms if mode == "fwd" else first_grad_call_ms
+                first = timing.first_call_ms if mode == "fwd" else acc.first_call_ms
                 steady = median if mode == "fwd" else (fwd_bwd_median or median)
                 compile_ms = max(first - steady, 0.0)
-            self._rows(case, impl, [mode], status="ok", error=None, compile_ms=compile_ms,
+            self._emit(emit, case, impl, [mode], status="ok", error=None, compile_ms=compile_ms,
                        converged=timing.converged, raw_ms=[round(s, 6) for s in timing.samples_ms],
-                       **summary, **acc_fields)
+                       **summary, **mem_fields, **acc_fields)
+
+    def _memory(self, call: ModeCall, case: Case, st: _CaseState, mode: str) -> dict[str, Any]:
+        floor = memory.floor_bytes(st.pristine, tuple(st.ref.loss.shape), mode)
+        try:
+            mem = memory.measure_call(call, case.device)
+        except NotImplementedError:  # no exact probe on this platform: leave it unmeasured
+            return {"min_mem_bytes": floor}
+        return {"peak_mem_bytes": mem.peak_mem_bytes, "extra_mem_bytes": mem.extra_mem_bytes,
+                "reserved_mem_bytes": mem.reserved_mem_bytes, "min_mem_bytes": floor}

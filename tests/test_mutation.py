@@ -86,10 +86,9 @@ def test_bwd_mode_builds_a_fresh_graph_each_sample():
 
 
 def test_sweep_detects_mutation_and_times_on_fresh_inputs():
+    from lossbench import registry
     from lossbench.cases import Case
-    from lossbench.registry import Implementation, get
-    from lossbench.suites import Plan
-    from lossbench.sweep import Sweep
+    from lossbench.sweep import Unit, UnitRunner
 
     seen = []
 
@@ -97,12 +96,13 @@ def test_sweep_detects_mutation_and_times_on_fresh_inputs():
         seen.append(logits.detach().clone())
         return grad_into_logits(logits, target)
 
-    impl = Implementation("ce", "scribbler", undeclared_scribbler)  # mutation not declared
+    registry.register(family="ce", name="test_scribbler")(undeclared_scribbler)  # mutation not declared
     case = Case.make("ce", 32, 10, "float32", "cpu")
-    plan = Plan([(case, ("fwd", "fwd_bwd", "bwd"))], budget_s=0.01)
     rows = []
-    Sweep(plan, lambda fam: [get("ce", "torch_functional"), impl], lambda d: {}, rows.append).run()
-    mine = [r for r in rows if r["impl"] == "scribbler"]
+    runner = UnitRunner(lambda d: {}, budget_s=0.01)
+    for impl in ("torch_functional", "test_scribbler"):
+        runner.run(Unit(case, impl, ("fwd", "fwd_bwd", "bwd")), rows.append)
+    mine = [r for r in rows if r["impl"] == "test_scribbler"]
     assert [r["status"] for r in mine] == ["ok"] * 3
     assert all(r["mutates_inputs"] and r["accuracy_ok"] for r in mine)
     assert not any(r["mutates_inputs"] for r in rows if r["impl"] == "torch_functional")

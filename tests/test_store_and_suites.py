@@ -10,10 +10,11 @@ from lossbench.suites import build_plan, load_suite
 
 
 def test_torn_last_line_is_skipped_with_a_warning(tmp_path):
-    rows = [{"run_id": "a", "impl": "x", "time_median_ms": 1.0}, {"run_id": "a", "impl": "y", "time_median_ms": float("inf")}]
+    rows = [{"run_id": "a", "family": "ce", "impl": "x", "time_median_ms": 1.0},
+            {"run_id": "a", "family": "ce", "impl": "y", "time_median_ms": float("inf")}]
     text = "".join(json.dumps(r) + "\n" for r in rows) + '{"run_id": "a", "impl": "z", "time_med'
     (tmp_path / "a.jsonl").write_text(text)
-    (tmp_path / "b.jsonl").write_text(json.dumps({"run_id": "b", "impl": "x"}) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"run_id": "b", "family": "kl", "impl": "x"}) + "\n")
     (tmp_path / "a.meta.json").write_text("{}")  # not a row file: ignored
     with pytest.warns(UserWarning, match="line 3 is not a complete row"):
         df = load_results(tmp_path)

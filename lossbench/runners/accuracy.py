@@ -84,6 +84,7 @@ class AccuracyResult:
     accuracy_ok: bool
     mutates_inputs: bool  # an input differed after the call
     first_call_ms: float  # forward + backward of the very first call (compilation included)
+    note: str | None = None  # what made it fail, in one line, when something non-finite did
 
 
 def measure(fn, pristine: Inputs, ref: Reference, dtype: str) -> AccuracyResult:
@@ -120,6 +121,11 @@ def measure(fn, pristine: Inputs, ref: Reference, dtype: str) -> AccuracyResult:
 
     budget = BUDGETS[dtype]
     ok = all(math.isfinite(e) and e <= budget for e in (loss_err, grad_rel, row_max))
+    note = None
+    if _nonfinite_mismatch(out.detach().double(), ref.loss):
+        note = "loss is NaN/Inf where the reference is finite (or finite where it is NaN)"
+    elif any(_nonfinite_mismatch(g, r) for g, r in zip(grads, ref.grads)):
+        note = "gradient has NaN/Inf where the reference is finite"
     return AccuracyResult(
         loss_rel_err=loss_err,
         grad_rel_err=grad_rel,
@@ -129,6 +135,7 @@ def measure(fn, pristine: Inputs, ref: Reference, dtype: str) -> AccuracyResult:
         accuracy_ok=ok,
         mutates_inputs=mutated,
         first_call_ms=first_call_ms,
+        note=note,
     )
 
 

@@ -1,0 +1,113 @@
+"""Peak memory of one call: absolute, extra over the state after set-up, and the analytic floor.
+
+CUDA: the caching allocator's statistics. Peak statistics are reset after set-up, and the extra is
+max_memory_allocated minus the bytes allocated at that moment; reserved bytes are reported too.
+
+CPU: torch keeps no allocator statistics, tracemalloc does not see its allocations, and the
+profiler's memory events come back empty. We read the kernel's own count of resident pages instead.
+After set-up: garbage-collect, `malloc_trim(0)` (glibc hands freed pages back, so RSS equals live
+memory), then reset the process's RSS high-water mark by writing 5 to /proc/self/clear_refs. The
+call's extra peak is VmHWM minus that VmRSS. This is exact to a page, in the measuring process itself:
+a fresh process per measurement would cost a torch import each time, and forcing every allocation
+through mmap (the other exact route) would change what the timings measure. Pages that are
+allocated but never touched cost nothing on a CPU and are not counted.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+from dataclasses import dataclass
+
+import torch
+
+from ..cases import Inputs
+from ..devices import synchronize
+
+
+@dataclass
+class MemoryResult:
+    peak_mem_bytes: int  # absolute peak during the call: the whole process's RSS on CPU
+    extra_mem_bytes: int  # peak over the state after set-up (inputs, and the graph for bwd, included)
+    reserved_mem_bytes: int | None  # CUDA: peak bytes the caching allocator held from the driver
+
+
+def _proc_status() -> dict[str, int]:
+    values = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":")
+                values[key] = int(value.split()[0]) * 1024  # the kernel reports kB
+    return values
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS may then include freed-but-cached pages
+        pass
+
+
+def cpu_peak_supported() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return "VmHWM" in _proc_status()
+    except OSError:
+        return False
+
+
+class CpuProbe:
+    def start(self) -> None:
+        gc.collect()
+        _malloc_trim()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS (Linux >= 4.0)
+        self.base = _proc_status()["VmRSS"]
+
+    def stop(self) -> MemoryResult:
+        peak = _proc_status()["VmHWM"]
+        return MemoryResult(peak, max(peak - self.base, 0), None)
+
+
+class CudaProbe:
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def start(self) -> None:
+        synchronize(self.device)
+        gc.collect()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.base = torch.cuda.memory_allocated(self.device)
+
+    def stop(self) -> MemoryResult:
+        synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        return MemoryResult(peak, peak - self.base, torch.cuda.max_memory_reserved(self.device))
+
+
+def probe_for(device: str | torch.device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        return CudaProbe(device)
+    if not cpu_peak_supported():
+        raise NotImplementedError("CPU peak memory needs Linux's /proc/self/clear_refs")
+    return CpuProbe()
+
+
+def measure_call(call, device: str | torch.device) -> MemoryResult:
+    """Peak memory of one sample of a mode call (runners.calls.ModeCall): set-up first, untimed and unmeasured."""
+    probe = probe_for(device)
+    call.setup()
+    probe.start()
+    call()
+    return probe.stop()
+
+
+def floor_bytes(inputs: Inputs, loss_shape: tuple[int, ...], mode: str) -> int:
+    """Bytes that must exist whatever the implementation: the loss it returns (fwd, fwd_bwd) and the
+    gradient of every differentiable input (bwd, fwd_bwd)."""
+    first = inputs.args[0]
+    loss = torch.Size(loss_shape).numel() * first.element_size()
+    grads = sum(inputs.args[i].numel() * inputs.args[i].element_size() for i in inputs.differentiable)
+    return {"fwd": loss, "bwd": grads, "fwd_bwd": loss + grads}[mode]
