@@ -51,6 +51,11 @@ class Implementation:
 
 
 _REGISTRY: dict[tuple[str, str], Implementation] = {}
+_LOADED_PLUGINS: set[str] = set()
+
+
+def _origin(fn: Callable[..., Any]) -> tuple[str, str]:
+    return getattr(fn, "__module__", "?"), getattr(fn, "__qualname__", repr(fn))
 
 
 def register(*, family: str, name: str, devices: Iterable[str] | None = None,
@@ -59,10 +64,12 @@ def register(*, family: str, name: str, devices: Iterable[str] | None = None,
              description: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator that adds `fn` to the registry under (family, name) and returns fn unchanged."""
     get_family(family)
+    _load_builtins()  # so a plugin imported first cannot take a built-in name
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        if (family, name) in _REGISTRY and _REGISTRY[(family, name)].fn is not fn:
-            raise UsageError(f"implementation {family}/{name} is already registered")
+        old = _REGISTRY.get((family, name))
+        if old is not None and _origin(old.fn) != _origin(fn):  # re-importing a module replaces its own
+            raise UsageError(f"implementation {family}/{name} is already registered by {_origin(old.fn)[0]}")
         doc = description or (fn.__doc__ or "").strip().split("\n")[0]
         _REGISTRY[(family, name)] = Implementation(
             family, name, fn,
@@ -97,6 +104,9 @@ def _load_builtins() -> None:
 def load_plugin(spec: str) -> None:
     """Import a module by name or a .py file by path; its @register calls add implementations."""
     _load_builtins()
+    key = str(Path(spec).resolve()) if spec.endswith(".py") else spec
+    if key in _LOADED_PLUGINS:
+        return
     try:
         path = Path(spec)
         if spec.endswith(".py"):
@@ -115,3 +125,4 @@ def load_plugin(spec: str) -> None:
         if isinstance(exc, KeyboardInterrupt):
             raise
         raise UsageError(f"plugin {spec!r} failed to import: {type(exc).__name__}: {exc}") from None
+    _LOADED_PLUGINS.add(key)

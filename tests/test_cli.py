@@ -143,3 +143,24 @@ def test_broken_plugin_file_exits_2_without_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"lossbench: error: plugin '{plugin}' failed to import: ModuleNotFoundError: No module named 'not_installed_dependency'"]
     assert not (tmp_path / "res").exists()
+
+
+def test_registry_conflicts_and_reloads(tmp_path):
+    from lossbench import register
+    from lossbench.errors import UsageError
+    from lossbench.registry import load_plugin
+
+    with pytest.raises(UsageError, match="already registered by torch.nn.functional"):
+        register(family="ce", name="torch_functional")(lambda *a, **k: None)
+    text = PLUGIN.replace('name="plugin_', 'name="twice_')
+    plugin = tmp_path / "twice.py"
+    plugin.write_text(text)
+    load_plugin(str(plugin))
+    load_plugin(str(plugin))  # the same file again: nothing to do
+    copy = tmp_path / "sub"
+    copy.mkdir()
+    (copy / "twice.py").write_text(text)
+    load_plugin(str(copy / "twice.py"))  # same module name, re-imported: replaces its own entries
+    (tmp_path / "rival.py").write_text(text)  # another module claiming the same names: refused
+    with pytest.raises(UsageError, match="twice_ok is already registered by lossbench_plugin_twice"):
+        load_plugin(str(tmp_path / "rival.py"))

@@ -1,0 +1,167 @@
+"""One bad implementation costs its own rows, never the sweep; a killed run resumes to completion."""
+import fcntl
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from lossbench import load_results
+from lossbench.cli import main
+from lossbench.records import key_of
+
+FAULTS = textwrap.dedent('''
+    import os, time
+    import torch, torch.nn.functional as F
+    import lossbench
+
+    @lossbench.register(family="ce", name="fault_raise")
+    def fault_raise(logits, target, **kw):
+        raise RuntimeError("kernel launch failed")
+
+    @lossbench.register(family="ce", name="fault_memory")
+    def fault_memory(logits, target, **kw):
+        raise MemoryError()
+
+    @lossbench.register(family="ce", name="fault_hang")
+    def fault_hang(logits, target, **kw):
+        time.sleep(3600)
+
+    @lossbench.register(family="ce", name="fault_abort")
+    def fault_abort(logits, target, **kw):
+        os.abort()
+
+    @lossbench.register(family="ce", name="fault_nan")
+    def fault_nan(logits, target, **kw):
+        return F.cross_entropy(logits, target, **kw) * float("nan")
+
+    @lossbench.register(family="ce", name="slow_ce")
+    def slow_ce(logits, target, **kw):
+        time.sleep(0.05)
+        return F.cross_entropy(logits, target, **kw)
+''')
+TINY = ["--shape", "64x10,32x7", "--dtype", "float32", "--budget", "0.01", "--family", "ce"]
+
+
+@pytest.fixture
+def plugin(tmp_path):
+    path = tmp_path / "faults.py"
+    path.write_text(FAULTS)
+    return str(path)
+
+
+def test_each_fault_gets_its_status_and_the_sweep_goes_on(tmp_path, plugin):
+    out = tmp_path / "res"
+    impls = "torch_functional,fault_raise,fault_memory,fault_hang,fault_abort,fault_nan"
+    rc = main(["run", "--out", str(out), *TINY, "--mode", "fwd_bwd,fwd", "--timeout", "5",
+               "--plugin", plugin, "--impl", impls])
+    assert rc == 1
+    df = load_results(out)
+    assert len(df) == 2 * 6 * 2  # cases x impls x modes: every row present, none twice
+    assert df.groupby(["label", "impl", "mode"]).size().eq(1).all()
+    status = df.groupby("impl")["status"].agg(set)
+    assert status["torch_functional"] == {"ok"}  # healthy rows before and after every fault
+    assert status["fault_raise"] == {"error"}
+    assert status["fault_memory"] == {"oom"}
+    assert status["fault_hang"] == {"timeout"}
+    assert status["fault_abort"] == {"crash"}
+    assert status["fault_nan"] == {"ok"}  # it ran: its numbers are wrong, which accuracy says
+    errors = df.groupby("impl")["error"].first()
+    assert "kernel launch failed" in errors["fault_raise"]
+    assert "--timeout 5" in errors["fault_hang"]
+    assert "SIGABRT" in errors["fault_abort"]
+    nan_rows = df[df["impl"] == "fault_nan"]
+    assert not nan_rows["accuracy_ok"].any() and (nan_rows["loss_rel_err"] == math.inf).all()
+    assert nan_rows["accuracy_note"].str.contains("NaN").all()
+
+
+def _rows_in(out):
+    files = list(out.glob("*.jsonl"))
+    return sum(1 for _ in open(files[0])) if files else 0
+
+
+def test_sigkill_then_resume_measures_every_case_exactly_once(tmp_path, plugin):
+    out = tmp_path / "res"
+    args = ["run", "--out", str(out), *TINY, "--plugin", plugin, "--impl", "torch_functional,slow_ce,torch_composed"]
+    proc = subprocess.Popen([sys.executable, "-m", "lossbench", *args], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while _rows_in(out) < 4 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    (run_file,) = out.glob("*.jsonl")
+    kept = _rows_in(out)
+    assert 4 <= kept < 2 * 3 * 3, "the run was meant to be killed part-way"
+    with open(run_file, "a") as f:
+        f.write('{"run_id": "torn')  # as if the kill had landed mid-write
+    meta = json.loads(run_file.with_name(run_file.stem + ".meta.json").read_text())
+    assert meta["state"] == "running"
+
+    assert main(["run", "--resume", run_file.stem, "--out", str(out)]) == 0
+    df = load_results(out)
+    keys = [key_of(r) for r in df.to_dict("records")]
+    assert len(keys) == len(set(keys)) == 2 * 3 * 3  # every case x impl x mode, exactly once
+    assert (df["status"] == "ok").all() and df["run_id"].nunique() == 1
+    meta = json.loads(run_file.with_name(run_file.stem + ".meta.json").read_text())
+    assert meta["state"] == "complete"
+    # Resuming a finished run measures nothing and changes nothing.
+    assert main(["run", "--resume", run_file.stem, "--out", str(out)]) == 0
+    assert len(load_results(out)) == 2 * 3 * 3
+
+
+def test_two_runs_into_one_folder(tmp_path):
+    out = tmp_path / "res"
+    cmd = [sys.executable, "-m", "lossbench", "run", "--out", str(out), *TINY, "--impl", "torch_functional"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    df = load_results(out)
+    assert df["run_id"].nunique() == 2
+    assert df.groupby("run_id").size().tolist() == [2 * 3, 2 * 3]
+
+
+def test_resume_refuses_a_run_still_being_written(tmp_path, plugin):
+    out = tmp_path / "res"
+    assert main(["run", "--out", str(out), *TINY, "--impl", "torch_functional", "--mode", "fwd"]) == 0
+    (run_file,) = out.glob("*.jsonl")
+    with open(run_file) as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        assert main(["run", "--resume", run_file.stem, "--out", str(out)]) == 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--timeout", "0"], "--timeout must be a positive number of seconds"),
+    (["--timeout", "nan"], "--timeout must be a positive number of seconds"),
+    (["--resume", "20990101T000000Z-abcdef"], "no run '20990101T000000Z-abcdef'"),
+    (["--resume", "x", "--family", "ce"], "--family cannot change it"),
+])
+def test_bad_run_arguments(tmp_path, capsys, args, message):
+    assert main(["run", "--out", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_corrupt_and_foreign_files_do_not_hide_good_results(tmp_path, capsys):
+    out = tmp_path / "res"
+    assert main(["run", "--out", str(out), *TINY, "--impl", "torch_functional", "--mode", "fwd"]) == 0
+    capsys.readouterr()
+    (out / "garbage.jsonl").write_bytes(os.urandom(2048))
+    (out / "other-tool.jsonl").write_text('{"metric": 1}\n[1, 2]\n')
+    (out / "notes.txt").write_text("not results")
+    good = next(p for p in out.glob("2*.jsonl"))
+    (out / "truncated.jsonl").write_text(good.read_text()[:-40])
+    assert main(["report", str(out)]) == 0
+    captured = capsys.readouterr()
+    warnings = captured.err.strip().splitlines()
+    assert all(w.startswith("lossbench: warning:") for w in warnings) and len(warnings) == 3
+    assert any("garbage.jsonl: not a lossbench results file" in w for w in warnings)
+    assert any("truncated.jsonl: line 2 is not a complete row" in w for w in warnings)
+    assert "torch_functional" in captured.out
+    with pytest.warns(UserWarning):
+        df = load_results(out)
+    assert len(df) == 2 + 1  # the good run's rows, and the truncated copy's complete first line

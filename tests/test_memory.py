@@ -1,0 +1,94 @@
+"""Known-answer tests for the peak-memory runner."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lossbench.cases import Case, make_inputs
+from lossbench.runners import memory
+from lossbench.runners.calls import ModeCall
+
+MiB = 2**20
+pytestmark = pytest.mark.skipif(not memory.cpu_peak_supported(), reason="needs Linux /proc/self/clear_refs")
+
+
+class _HoldUntilBackward(torch.autograd.Function):
+    """Identity that keeps `buf` alive on the graph, so it is held through backward too."""
+
+    @staticmethod
+    def forward(ctx, loss, buf):
+        ctx.buf = buf
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _holding(k_bytes: int, device: str = "cpu"):
+    """Cross-entropy that holds an extra k bytes (touched, so resident) for its whole forward and backward."""
+
+    def fn(logits, target, **kw):
+        buf = torch.ones(k_bytes // 4, device=device)
+        return _HoldUntilBackward.apply(F.cross_entropy(logits, target, **kw), buf)
+
+    return fn
+
+
+def _extra(fn, case, mode, repeats=3):
+    inputs = make_inputs(case)
+    call = ModeCall(fn, inputs, mode, fresh_inputs=False)
+    return min(memory.measure_call(call, "cpu").extra_mem_bytes for _ in range(repeats))
+
+
+@pytest.mark.parametrize("k_mib", [64, 256])
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+def test_extra_k_bytes_reported_within_3_percent(k_mib, mode):
+    case = Case.make("ce", 256, 1000, "float32", "cpu")
+    without = _extra(F.cross_entropy, case, mode)
+    with_buffer = _extra(_holding(k_mib * MiB), case, mode)
+    assert with_buffer - without == pytest.approx(k_mib * MiB, rel=0.03)
+
+
+def test_eager_cross_entropy_fwd_bwd_is_about_three_logits():
+    case = Case.make("ce", 4096, 32768, "float32", "cpu")
+    logits_bytes = 4096 * 32768 * 4
+    ratio = _extra(F.cross_entropy, case, "fwd_bwd", repeats=1) / logits_bytes
+    # log_softmax output (saved), the gradient of the nll, and the gradient of the logits
+    assert 2.5 <= ratio <= 3.5
+
+
+def test_absolute_peak_includes_the_inputs():
+    case = Case.make("ce", 1024, 8192, "float32", "cpu")
+    inputs = make_inputs(case)
+    m = memory.measure_call(ModeCall(F.cross_entropy, inputs, "fwd", fresh_inputs=False), "cpu")
+    assert m.peak_mem_bytes > m.extra_mem_bytes + 1024 * 8192 * 4  # the logits exist before the call
+    assert m.reserved_mem_bytes is None
+
+
+def test_floor_bytes():
+    inputs = make_inputs(Case.make("ce", 64, 50, "bfloat16", "cpu", options={"reduction": "none"}))
+    assert memory.floor_bytes(inputs, (64,), "fwd") == 64 * 2
+    assert memory.floor_bytes(inputs, (64,), "bwd") == 64 * 50 * 2
+    assert memory.floor_bytes(inputs, (64,), "fwd_bwd") == 64 * 2 + 64 * 50 * 2
+
+
+@pytest.mark.cuda
+def test_cuda_extra_k_bytes():
+    case = Case.make("ce", 256, 1000, "float32", "cuda:0")
+    k = 64 * MiB
+
+    def extra(fn):
+        call = ModeCall(fn, make_inputs(case), "fwd_bwd", fresh_inputs=False)
+        return memory.measure_call(call, "cuda:0")
+
+    base, held = extra(F.cross_entropy), extra(_holding(k, "cuda:0"))
+    assert held.extra_mem_bytes - base.extra_mem_bytes == k  # the caching allocator counts exactly
+    assert held.reserved_mem_bytes >= held.peak_mem_bytes
+
+
+@pytest.mark.cuda
+def test_cuda_eager_cross_entropy_fwd_bwd():
+    case = Case.make("ce", 4096, 32768, "float32", "cuda:0")
+    call = ModeCall(F.cross_entropy, make_inputs(case), "fwd_bwd", fresh_inputs=False)
+    ratio = memory.measure_call(call, "cuda:0").extra_mem_bytes / (4096 * 32768 * 4)
+    assert 1.5 <= ratio <= 3.5
