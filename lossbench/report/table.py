@@ -17,6 +17,22 @@ def _fmt_ms(ms: float) -> str:
     return f"{ms:.3g} ms" if ms >= 0.1 else f"{ms * 1e3:.3g} µs"
 
 
+def _fmt_bytes(n: float) -> str:
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def _mem_ratio(row: pd.Series, base: pd.Series) -> str:
+    ours, theirs = row.get("extra_mem_bytes"), base.get("extra_mem_bytes")
+    if ours is None or theirs is None or pd.isna(ours) or pd.isna(theirs) or theirs == 0:
+        return ""
+    return f" mem×{ours / theirs:.2g}"
+
+
 def _fmt_ratio(x: float) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
@@ -32,9 +48,10 @@ def _cell(row: pd.Series, base: pd.Series | None) -> str:
     if row["impl"] == BASELINE or base is None or base["status"] != "ok":
         ci = f"[{_fmt_ms(row['time_ci_low_ms'])}, {_fmt_ms(row['time_ci_high_ms'])}]"
         own_err = "exact" if exact else f"err {row['grad_row_err_max']:.1e}"
-        return f"{_fmt_ms(row['time_median_ms'])} {ci} {own_err}{mark}"
+        mem = f" +{_fmt_bytes(row['extra_mem_bytes'])}" if pd.notna(row.get("extra_mem_bytes")) else ""
+        return f"{_fmt_ms(row['time_median_ms'])} {ci}{mem} {own_err}{mark}"
     speedup = base["time_median_ms"] / row["time_median_ms"]
-    return f"{speedup:.2f}× {err}{mark}"
+    return f"{speedup:.2f}× {err}{_mem_ratio(row, base)}{mark}"
 
 
 def family_tables(df: pd.DataFrame) -> list[Table]:
@@ -46,8 +63,8 @@ def family_tables(df: pd.DataFrame) -> list[Table]:
         impls = [BASELINE] * (BASELINE in set(fam["impl"])) + [i for i in fam["impl"].unique() if i != BASELINE]
         multi_device = fam["device"].nunique() > 1
         table = Table(
-            title=f"{family} ({FAMILIES[family].title}), {mode}: speedup over {BASELINE}, "
-                  f"worst-row gradient error over {BASELINE}'s (✗ outside the dtype's budget)",
+            title=f"{family} ({FAMILIES[family].title}), {mode}: speedup over {BASELINE}, worst-row gradient "
+                  f"error and peak extra memory over {BASELINE}'s (✗ outside the dtype's budget)",
             title_justify="left",
         )
         table.add_column("case")
