@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import importlib.metadata
 import secrets
 import socket
 import subprocess
@@ -49,11 +50,11 @@ def git_sha() -> str | None:
 
 
 def _triton_version() -> str | None:
+    # From the package metadata: importing triton just for its version costs a second and, at
+    # interpreter exit, prints nanobind leak reports after everything else.
     try:
-        import triton
-
-        return triton.__version__
-    except Exception:  # triton is optional, and may fail to import on machines without a driver
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
         return None
 
 

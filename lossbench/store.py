@@ -56,7 +56,7 @@ class RunWriter:
             self._file.close()
             raise UsageError(f"run {run_id} is being written by another process") from None
         if resuming:
-            _drop_torn_tail(self._file)
+            self.meta["rows"] = _drop_torn_tail(self._file)  # the meta's count died with the old process
         self.meta["state"] = "running"
         _atomic_write_json(self.meta_path, self.meta)
 
@@ -64,7 +64,7 @@ class RunWriter:
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
-        self.meta["rows"] = self.meta.get("rows", 0) + 1
+        self.meta["rows"] += 1
 
     def close(self, state: str) -> None:
         self._file.close()
@@ -72,21 +72,19 @@ class RunWriter:
         _atomic_write_json(self.meta_path, self.meta)
 
 
-def _drop_torn_tail(f) -> None:
+def _drop_torn_tail(f) -> int:
     """A run killed mid-write leaves a partial last line; appending after it would glue the next row
-    onto it. Cut the file back to its last complete line."""
-    f.seek(0, os.SEEK_END)
-    size = f.tell()
-    if size == 0:
-        return
+    onto it. Cut the file back to its last complete line; return how many complete lines it has."""
     with open(f.name, "rb") as raw:
         data = raw.read()
-    if data.endswith(b"\n"):
-        return
+    if not data or data.endswith(b"\n"):
+        return data.count(b"\n")
     keep = data.rfind(b"\n") + 1
+    size = len(data)
     warnings.warn(f"{f.name}: dropped a torn last line ({size - keep} bytes) before resuming", stacklevel=3)
     f.truncate(keep)
     f.seek(0, os.SEEK_END)
+    return data.count(b"\n")
 
 
 def read_meta(out_dir: str | Path, run_id: str) -> dict[str, Any]:

@@ -109,7 +109,7 @@ def test_sigkill_then_resume_measures_every_case_exactly_once(tmp_path, plugin):
     assert len(keys) == len(set(keys)) == 2 * 3 * 3  # every case x impl x mode, exactly once
     assert (df["status"] == "ok").all() and df["run_id"].nunique() == 1
     meta = json.loads(run_file.with_name(run_file.stem + ".meta.json").read_text())
-    assert meta["state"] == "complete"
+    assert meta["state"] == "complete" and meta["rows"] == 2 * 3 * 3
     # Resuming a finished run measures nothing and changes nothing.
     assert main(["run", "--resume", run_file.stem, "--out", str(out)]) == 0
     assert len(load_results(out)) == 2 * 3 * 3

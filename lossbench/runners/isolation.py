@@ -77,8 +77,9 @@ class IsolatedRunner:
 
     def _start(self) -> None:
         parent, child = self._ctx.Pipe()
-        self._proc = self._ctx.Process(target=_worker_main, args=(child, self.init), daemon=True,
-                                       name="lossbench-worker")
+        # Not a daemon: daemonic processes may not start children, and inductor may compile in a
+        # process pool. It still never outlives the run: PR_SET_PDEATHSIG, and close() below.
+        self._proc = self._ctx.Process(target=_worker_main, args=(child, self.init), name="lossbench-worker")
         self._proc.start()
         child.close()
         self._conn = parent
