@@ -25,7 +25,7 @@ DTYPES = {
     "float16": torch.float16,
     "float64": torch.float64,
 }
-_SHAPE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+_SHAPE = re.compile(r"^\s*\d+(\s*[xX]\s*\d+){1,2}\s*$")
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -35,12 +35,13 @@ def parse_dtype(name: str) -> torch.dtype:
         raise UsageError(f"unknown dtype {name!r} (known: {', '.join(DTYPES)})") from None
 
 
-def parse_shape(text: str) -> tuple[int, int]:
-    """'4096x32000' -> (4096, 32000)."""
-    m = _SHAPE.match(text)
-    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
-        raise UsageError(f"malformed shape {text!r}: expected NxC with positive integers, e.g. 4096x32000")
-    return int(m.group(1)), int(m.group(2))
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'4096x32000' -> (4096, 32000) for nll/ce/kl; '4096x1024x32000' -> (N, H, V) for linear_ce."""
+    dims = tuple(int(d) for d in re.split(r"[xX]", text.replace(" ", ""))) if _SHAPE.match(text) else ()
+    if not dims or min(dims) < 1:
+        raise UsageError(f"malformed shape {text!r}: expected NxC (or NxHxV for linear_ce) with positive "
+                         "integers, e.g. 4096x32000")
+    return dims
 
 
 @dataclass(frozen=True)
@@ -53,16 +54,25 @@ class Case:
     input_dist: str = "normal"
     # Full option set (defaults filled), as sorted pairs so the case is hashable.
     options_items: tuple[tuple[str, Any], ...] = ()
+    h: int | None = None  # linear_ce: the hidden size (c is then the vocabulary V)
 
     @classmethod
     def make(cls, family: str, n: int, c: int, dtype: str, device: str,
-             input_dist: str = "normal", options: dict[str, Any] | None = None) -> "Case":
+             input_dist: str = "normal", options: dict[str, Any] | None = None, h: int | None = None) -> "Case":
         fam = get_family(family)
         parse_dtype(dtype)
         if input_dist not in INPUT_DISTS:
             raise UsageError(f"unknown input_dist {input_dist!r} (known: {', '.join(INPUT_DISTS)})")
+        if (h is not None) != (fam.shape_dims == 3):
+            raise UsageError(f"family {family!r} takes shapes of the form {fam.shape_form}")
         full = normalize_options(fam, dict(options or {}))
-        return cls(family, n, c, dtype, device, input_dist, tuple(sorted(full.items())))
+        return cls(family, n, c, dtype, device, input_dist, tuple(sorted(full.items())), h)
+
+    @classmethod
+    def from_shape(cls, family: str, dims: tuple[int, ...], dtype: str, device: str,
+                   input_dist: str = "normal", options: dict[str, Any] | None = None) -> "Case":
+        n, *middle, c = dims
+        return cls.make(family, n, c, dtype, device, input_dist, options, h=middle[0] if middle else None)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -84,12 +94,18 @@ class Case:
     def label(self) -> str:
         """Short human label: shape, dtype, distribution and the options that differ from torch's defaults."""
         opts = ",".join(f"{k}={v}" for k, v in self.non_default_options.items()) or "default"
-        spatial = self.options["spatial"]
-        shape = f"{self.n}x{self.c}" + (f"x{spatial}" if spatial else "")
-        return f"{shape} {self.dtype} {self.input_dist} {opts}"
+        return f"{self.shape} {self.dtype} {self.input_dist} {opts}"
+
+    @property
+    def shape(self) -> str:
+        if self.h is not None:
+            return f"{self.n}x{self.h}x{self.c}"
+        spatial = self.options.get("spatial")
+        return f"{self.n}x{self.c}" + (f"x{spatial}" if spatial else "")
 
     def seed(self) -> int:
-        key = f"{self.family}|{self.n}|{self.c}|{self.dtype}|{self.input_dist}|{self.options_json}"
+        h = f"|{self.h}" if self.h is not None else ""
+        key = f"{self.family}|{self.n}|{self.c}{h}|{self.dtype}|{self.input_dist}|{self.options_json}"
         return zlib.crc32(key.encode())
 
 
@@ -99,9 +115,15 @@ class Inputs:
 
     args: list[torch.Tensor]
     kwargs: dict[str, Any]
-    differentiable: tuple[int, ...]  # positions in args that get gradients
+    differentiable: tuple[int | str, ...]  # positions in args, or keyword names (bias), that get gradients
     grad_output: torch.Tensor  # non-uniform for reduction="none" (catches per-row scaling bugs)
     class_dim: int = 1
+
+    def get(self, key: int | str) -> torch.Tensor:
+        return self.args[key] if isinstance(key, int) else self.kwargs[key]
+
+    def grad_inputs(self) -> list[torch.Tensor]:
+        return [self.get(k) for k in self.differentiable]
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the implementation could write into (mutation detection)."""
@@ -118,7 +140,7 @@ class Inputs:
 
 
 def _class_last_shape(case: Case) -> tuple[int, ...]:
-    d = case.options["spatial"]
+    d = case.options.get("spatial", 0)
     return (case.n, d, case.c) if d else (case.n, case.c)
 
 
@@ -143,13 +165,52 @@ def _logits(case: Case, gen: torch.Generator, true_class: torch.Tensor) -> torch
     return x
 
 
+def _ignored(target: torch.Tensor, frac: float, gen: torch.Generator) -> torch.Tensor:
+    """Exactly round(frac * rows) targets set to ignore_index, at random rows."""
+    target = target.clone()
+    n_ignored = round(float(frac) * target.numel())
+    if n_ignored:
+        flat = target.view(-1)
+        flat[torch.randperm(flat.numel(), generator=gen)[:n_ignored]] = IGNORE_INDEX
+    return target
+
+
+def _linear_ce_inputs(case: Case, gen: torch.Generator, true_class: torch.Tensor) -> Inputs:
+    """hidden [N, H], weight [V, H] (scaled so logits are ~N(0, 1)), optional bias, targets.
+    `peaked`: each hidden row is pushed along its target's weight row until the true class's softmax
+    reaches a draw from U(0.9, 0.999) (exact for the first-order logit, close after the push)."""
+    opts, dtype, device = case.options, case.torch_dtype, torch.device(case.device)
+    hidden = torch.randn(case.n, case.h, generator=gen)
+    weight = torch.randn(case.c, case.h, generator=gen) / math.sqrt(case.h)
+    bias = 0.1 * torch.randn(case.c, generator=gen) if opts["bias"] else None
+    if case.input_dist == "peaked":
+        logits = torch.nn.functional.linear(hidden.double(), weight.double(), None if bias is None else bias.double())
+        p = 0.9 + 0.099 * torch.rand(case.n, generator=gen, dtype=torch.float64)
+        others = logits.scatter(1, true_class.unsqueeze(1), -math.inf).logsumexp(1)
+        want = torch.log(p / (1 - p)) + others
+        w_y = weight.double()[true_class]
+        push = (want - logits.gather(1, true_class.unsqueeze(1)).squeeze(1)) / (w_y * w_y).sum(1)
+        hidden = (hidden.double() + push.unsqueeze(1) * w_y).float()
+    target = _ignored(true_class, opts["ignore_frac"], gen).to(device)
+    kwargs: dict[str, Any] = {"bias": None if bias is None else bias.to(dtype).to(device),
+                              "ignore_index": IGNORE_INDEX, "reduction": opts["reduction"],
+                              "label_smoothing": float(opts["label_smoothing"])}
+    grad_output = (torch.randn(case.n, generator=gen) if opts["reduction"] == "none"
+                   else 0.5 + 1.5 * torch.rand((), generator=gen))
+    differentiable = (0, 1, "bias") if bias is not None else (0, 1)
+    return Inputs([hidden.to(dtype).to(device), weight.to(dtype).to(device), target], kwargs, differentiable,
+                  grad_output.to(dtype).to(device))
+
+
 def make_inputs(case: Case) -> Inputs:
     fam, opts = case.family, case.options
     dtype, device = case.torch_dtype, torch.device(case.device)
     gen = torch.Generator().manual_seed(case.seed())
     row_shape = _class_last_shape(case)[:-1]
-    noncontig = bool(opts["noncontig"])
     true_class = torch.randint(0, case.c, row_shape, generator=gen)
+    if fam == "linear_ce":
+        return _linear_ce_inputs(case, gen, true_class)
+    noncontig = bool(opts["noncontig"])
 
     def place(x: torch.Tensor) -> torch.Tensor:
         return _to_class_dim1(x.to(dtype), noncontig).to(device)
@@ -167,12 +228,7 @@ def make_inputs(case: Case) -> Inputs:
         if fam == "ce" and opts["target"] == "prob":
             target = place(F.softmax(2 * torch.randn(row_shape + (case.c,), generator=gen), -1))
         else:
-            target = true_class.clone()
-            n_ignored = round(float(opts["ignore_frac"]) * target.numel())
-            if n_ignored:
-                flat = target.view(-1)
-                flat[torch.randperm(flat.numel(), generator=gen)[:n_ignored]] = IGNORE_INDEX
-            target = target.to(device)
+            target = _ignored(true_class, opts["ignore_frac"], gen).to(device)
         args = [place(first), target]
         weight = None
         if opts["weight"]:

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import devices, records, registry, store, suites, sweep
+from . import bandwidth, devices, records, registry, store, suites, sweep
 from .errors import UsageError
 from .report.table import family_tables
 from .runners.isolation import IsolatedRunner
@@ -103,7 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # Everything is validated: only now is a run file created or reopened.
     run_id = args.resume or records.new_run_id()
-    provs = {d: records.provenance(run_id, d, spec["threads"]) for d in spec["devices"]}
+    provs = {d: records.provenance(run_id, d, spec["threads"], bandwidth.copy_gbps(d)) for d in spec["devices"]}
     if args.resume:
         done = store.done_keys(Path(args.out) / f"{run_id}.jsonl")
         writer = store.RunWriter(args.out, run_id)

@@ -21,6 +21,11 @@ class Family:
     default_reduction: str
     # option name -> default value; a case states only what differs from these.
     options: dict[str, Any] = field(default_factory=dict)
+    shape_form: str = "NxC"  # how --shape and suites give its sizes: "NxC", or "NxHxV" for linear_ce
+
+    @property
+    def shape_dims(self) -> int:
+        return self.shape_form.count("x") + 1
 
 
 # Options shared by every family: the loss reduction, torch's (N, C, d) layout (spatial=d, 0 for
@@ -61,6 +66,16 @@ FAMILIES: dict[str, Family] = {
             default_reduction="batchmean",
             options={"reduction": "batchmean", "log_target": False, **_COMMON},
         ),
+        Family(
+            name="linear_ce",
+            title="Linear + CrossEntropyLoss",
+            signature='fn(hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0)',
+            reductions=("none", "mean", "sum"),
+            default_reduction="mean",
+            # The projection is part of the loss: hidden [N, H] @ weight[V, H].T (+ bias) -> logits [N, V].
+            options={"reduction": "mean", "ignore_frac": 0.0, "label_smoothing": 0.0, "bias": False},
+            shape_form="NxHxV",
+        ),
     )
 }
 
@@ -89,15 +104,15 @@ def normalize_options(family: Family, options: dict[str, Any]) -> dict[str, Any]
         raise UsageError(
             f"family {family.name!r}: reduction {full['reduction']!r} not one of {family.reductions}"
         )
+    if "label_smoothing" in full and not 0.0 <= float(full["label_smoothing"]) <= 1.0:
+        raise UsageError(f"label_smoothing must be in [0, 1], not {full['label_smoothing']}")
     if family.name == "ce":
         if full["target"] not in ("index", "prob"):
             raise UsageError(f"ce: target must be 'index' or 'prob', not {full['target']!r}")
         if full["target"] == "prob" and full["ignore_frac"]:
             raise UsageError("ce: ignore_frac needs index targets (probability targets have no ignore_index)")
-        if not 0.0 <= float(full["label_smoothing"]) <= 1.0:
-            raise UsageError(f"ce: label_smoothing must be in [0, 1], not {full['label_smoothing']}")
     if "ignore_frac" in full and not 0.0 <= float(full["ignore_frac"]) <= 1.0:
         raise UsageError(f"ignore_frac must be in [0, 1], not {full['ignore_frac']}")
-    if int(full["spatial"]) < 0:
+    if int(full.get("spatial", 0)) < 0:
         raise UsageError(f"spatial must be >= 0, not {full['spatial']}")
     return full

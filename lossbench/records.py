@@ -14,15 +14,16 @@ import torch
 from . import devices
 
 PROVENANCE = ["run_id", "timestamp", "git_sha", "host", "device", "device_name", "torch_version",
-              "triton_version", "cuda_version", "threads"]
+              "triton_version", "cuda_version", "threads", "copy_gbps"]
 CASE = ["family", "impl", "n", "c", "h", "dtype", "mode", "options", "input_dist", "label"]
 TIME = ["time_median_ms", "time_p20_ms", "time_p80_ms", "time_ci_low_ms", "time_ci_high_ms", "samples",
         "converged", "compile_ms", "raw_ms"]
+BANDWIDTH = ["gbps", "pct_peak_bw"]
 MEMORY = ["peak_mem_bytes", "extra_mem_bytes", "min_mem_bytes", "reserved_mem_bytes"]
 ACCURACY = ["loss_rel_err", "grad_rel_err", "grad_row_err_max", "grad_max_abs_err", "err_vs_floor",
             "err_ratio_vs_torch", "accuracy_ok", "accuracy_note", "mutates_inputs", "grad_in_forward"]
 OUTCOME = ["status", "error"]
-COLUMNS = PROVENANCE + CASE + TIME + MEMORY + ACCURACY + OUTCOME
+COLUMNS = PROVENANCE + CASE + TIME + BANDWIDTH + MEMORY + ACCURACY + OUTCOME
 # What identifies a row within a run: resume measures exactly the keys that are missing.
 KEY = ["device", "family", "impl", "mode", "n", "c", "h", "dtype", "options", "input_dist"]
 STATUSES = ("ok", "unsupported", "error", "oom", "timeout", "crash")
@@ -58,7 +59,7 @@ def _triton_version() -> str | None:
         return None
 
 
-def provenance(run_id: str, device: str, threads: int) -> dict[str, Any]:
+def provenance(run_id: str, device: str, threads: int, copy_gbps: float | None = None) -> dict[str, Any]:
     return {
         "run_id": run_id,
         "git_sha": git_sha(),
@@ -69,11 +70,12 @@ def provenance(run_id: str, device: str, threads: int) -> dict[str, Any]:
         "triton_version": _triton_version(),
         "cuda_version": torch.version.cuda,
         "threads": threads,
+        "copy_gbps": copy_gbps,  # the device's measured copy bandwidth, for pct_peak_bw
     }
 
 
 def key(case, impl: str, mode: str) -> tuple:
-    return (case.device, case.family, impl, mode, case.n, case.c, None, case.dtype, case.options_json, case.input_dist)
+    return (case.device, case.family, impl, mode, case.n, case.c, case.h, case.dtype, case.options_json, case.input_dist)
 
 
 def key_of(row: dict[str, Any]) -> tuple:
@@ -89,7 +91,7 @@ def row(prov: dict[str, Any], case, impl: str, mode: str, **fields: Any) -> dict
         "impl": impl,
         "n": case.n,
         "c": case.c,
-        "h": None,
+        "h": case.h,
         "dtype": case.dtype,
         "mode": mode,
         "options": case.options_json,

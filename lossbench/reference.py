@@ -91,7 +91,14 @@ def kl(input, target, *, reduction="batchmean", log_target=False):
     return total / (pointwise.numel() if reduction == "mean" else input.shape[0])
 
 
-FUNCTIONS = {"nll": nll, "ce": ce, "kl": kl}
+def linear_ce(hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    return ce(logits, target, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+
+
+FUNCTIONS = {"nll": nll, "ce": ce, "kl": kl, "linear_ce": linear_ce}
 
 
 @dataclass
@@ -106,10 +113,10 @@ def _f64(x: Any) -> Any:
 
 def compute(family: str, inputs: Inputs) -> Reference:
     """Loss and input gradients in float64 from the inputs exactly as the implementation receives them."""
-    args = [_f64(a) for a in inputs.args]
-    kwargs = {k: _f64(v) for k, v in inputs.kwargs.items()}
-    leaves = [args[i].requires_grad_(True) for i in inputs.differentiable]
+    f64 = Inputs([_f64(a) for a in inputs.args], {k: _f64(v) for k, v in inputs.kwargs.items()},
+                 inputs.differentiable, inputs.grad_output)
+    leaves = [t.requires_grad_(True) for t in f64.grad_inputs()]
     with torch.enable_grad():
-        loss = FUNCTIONS[family](*args, **kwargs)
+        loss = FUNCTIONS[family](*f64.args, **f64.kwargs)
         grads = torch.autograd.grad(loss, leaves, inputs.grad_output.double())
     return Reference(loss.detach(), [g.detach() for g in grads])

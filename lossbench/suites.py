@@ -19,7 +19,9 @@ from .families import FAMILIES, INPUT_DISTS, MODES, get_family
 
 SUITE_DIR = Path(__file__).parent / "suites"
 AXES = ("shapes", "dtypes", "modes", "input_dists")
-DEFAULTS = {"shapes": ["4096x8192"], "dtypes": ["float32"], "modes": list(MODES), "input_dists": ["normal"]}
+# Each family takes the shapes of its own form from a list: NxC for nll/ce/kl, NxHxV for linear_ce.
+DEFAULTS = {"shapes": ["4096x8192", "2048x512x32768"], "dtypes": ["float32"], "modes": list(MODES),
+            "input_dists": ["normal"]}
 DEFAULT_BUDGET_S = 0.5
 
 
@@ -100,16 +102,17 @@ def build_plan(suite: dict[str, Any] | None, *, devices: list[str], name: str = 
         option_grid = [dict(zip(option_keys, combo))
                        for combo in itertools.product(*(_as_list(group[k]) for k in option_keys))]
         for fam in _as_list(group.get("families", [])):
-            get_family(fam)
+            family = get_family(fam)
             if families and fam not in families:
                 continue
-            for shape, dtype, dist, opts, device in itertools.product(
-                    axes["shapes"], axes["dtypes"], axes["input_dists"], option_grid, devices):
-                n, c = parse_shape(shape)
-                case = Case.make(fam, n, c, dtype, device, dist, opts)
+            fam_shapes = [dims for dims in map(parse_shape, axes["shapes"]) if len(dims) == family.shape_dims]
+            for dims, dtype, dist, opts, device in itertools.product(
+                    fam_shapes, axes["dtypes"], axes["input_dists"], option_grid, devices):
+                case = Case.from_shape(fam, dims, dtype, device, dist, opts)
                 merged = plan.setdefault(case, [])
                 merged += [m for m in axes["modes"] if m not in merged]
     items = [(case, tuple(m for m in MODES if m in ms)) for case, ms in plan.items() if ms]
     if not items:
-        raise UsageError("nothing to run: the filters leave no case (check --family, --dtype, --mode, --input-dist)")
+        raise UsageError("nothing to run: the filters leave no case (check --family, --dtype, --mode, "
+                         "--input-dist, and that --shape has the family's form: NxC, or NxHxV for linear_ce)")
     return Plan(items, budget, name)

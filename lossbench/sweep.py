@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from . import devices, records, reference
+from . import bandwidth, devices, records, reference
 from .cases import Case, Inputs, make_inputs
 from .registry import Implementation, get
 from .runners import accuracy, memory, stats
@@ -143,6 +143,7 @@ class UnitRunner:
                 self._emit(emit, case, impl, [mode], status=status_of(exc), error=message(exc), **acc_fields)
                 continue
             median = summary["time_median_ms"]
+            bw_fields = self._bandwidth(case, st, mode, median)
             if mode == "fwd_bwd":
                 fwd_bwd_median = median
             compile_ms = None
@@ -152,7 +153,13 @@ class UnitRunner:
                 compile_ms = max(first - steady, 0.0)
             self._emit(emit, case, impl, [mode], status="ok", error=None, compile_ms=compile_ms,
                        converged=timing.converged, raw_ms=[round(s, 6) for s in timing.samples_ms],
-                       **summary, **mem_fields, **acc_fields)
+                       **summary, **bw_fields, **mem_fields, **acc_fields)
+
+    def _bandwidth(self, case: Case, st: _CaseState, mode: str, median_ms: float) -> dict[str, Any]:
+        moved = bandwidth.bytes_moved(case, st.pristine, st.ref.loss.numel(), mode)
+        gbps = moved / (median_ms * 1e-3) / 1e9 if median_ms > 0 else None
+        peak = self.prov_for(case.device).get("copy_gbps")
+        return {"gbps": gbps, "pct_peak_bw": 100 * gbps / peak if gbps and peak else None}
 
     def _memory(self, call: ModeCall, case: Case, st: _CaseState, mode: str) -> dict[str, Any]:
         floor = memory.floor_bytes(st.pristine, tuple(st.ref.loss.shape), mode)

@@ -8,8 +8,8 @@ from lossbench.cases import Case
 def case():
     """Case factory with small defaults."""
 
-    def make(family="ce", n=64, c=50, dtype="float32", dist="normal", **options):
-        return Case.make(family, n, c, dtype, "cpu", dist, options)
+    def make(family="ce", n=64, c=50, dtype="float32", dist="normal", h=None, **options):
+        return Case.make(family, n, c, dtype, "cpu", dist, options, h=h)
 
     return make
 

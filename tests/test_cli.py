@@ -21,12 +21,15 @@ def _run(tmp_path, *args):
 
 
 def test_small_run_writes_complete_rows(tmp_path, capsys):
-    rc = _run(tmp_path, "--family", "nll,ce,kl", "--impl", "torch_functional,torch_module,torch_composed")
+    rc = main(["run", "--out", str(tmp_path), "--shape", "64x10,32x16x100", "--dtype", "float32", "--budget", "0.01",
+               "--impl", "torch_functional,torch_module,torch_composed"])
     out = capsys.readouterr().out
     assert rc == 0
     df = load_results(tmp_path)
-    assert set(df["family"]) == {"nll", "ce", "kl"}
-    assert len(df) == 3 * 3 * 3  # families x impls x modes
+    assert set(df["family"]) == {"nll", "ce", "kl", "linear_ce"}
+    assert len(df) == 4 * 3 * 3  # families x impls x modes
+    assert df[df["family"] == "linear_ce"]["h"].eq(16).all()
+    assert (df["gbps"] > 0).all() and (df["pct_peak_bw"] > 0).all() and (df["copy_gbps"] > 0).all()
     assert (df["status"] == "ok").all()
     assert list(df.columns[: len(COLUMNS)]) == COLUMNS
     assert (df["samples"] >= 5).all()
@@ -35,7 +38,7 @@ def test_small_run_writes_complete_rows(tmp_path, capsys):
     assert (df["time_median_ms"] <= df["time_ci_high_ms"]).all()
     assert df["accuracy_ok"].all() and (df["grad_rel_err"] < 1e-5).all()
     assert df["run_id"].nunique() == 1 and df["threads"].iloc[0] == torch.get_num_threads()
-    for family in ("nll", "ce", "kl"):
+    for family in ("nll", "ce", "kl", "linear_ce"):
         assert f"{family} (" in out
     meta = json.loads(next(tmp_path.glob("*.meta.json")).read_text())
     assert meta["state"] == "complete" and meta["rows"] == len(df)

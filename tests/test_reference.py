@@ -75,7 +75,15 @@ GRID = {
     "kl": [dict(reduction=r, log_target=lt) for r, lt in
            itertools.product(["none", "batchmean", "sum", "mean"], [False, True])] + [dict(spatial=3, noncontig=True)],
 }
-TORCH = {"nll": F.nll_loss, "ce": F.cross_entropy, "kl": F.kl_div}
+GRID["linear_ce"] = [dict(reduction=r, ignore_frac=i, label_smoothing=s, bias=b) for r, i, s, b in
+                     itertools.product(["none", "mean", "sum"], [0.0, 0.3, 1.0], [0.0, 0.2], [False, True])]
+
+
+def _torch_linear_ce(hidden, weight, target, *, bias=None, **kw):
+    return F.cross_entropy(F.linear(hidden, weight, bias), target, **kw)
+
+
+TORCH = {"nll": F.nll_loss, "ce": F.cross_entropy, "kl": F.kl_div, "linear_ce": _torch_linear_ce}
 
 
 @pytest.mark.filterwarnings("ignore:reduction. 'mean' divides")
@@ -83,10 +91,26 @@ TORCH = {"nll": F.nll_loss, "ce": F.cross_entropy, "kl": F.kl_div}
 @pytest.mark.parametrize("family", list(GRID))
 def test_reference_matches_torch_in_float64(case, family, dist):
     for options in GRID[family]:
-        inputs = make_inputs(case(family, n=12, c=7, dtype="float64", dist=dist, **options))
+        h = {"h": 5} if family == "linear_ce" else {}
+        inputs = make_inputs(case(family, n=12, c=7, dtype="float64", dist=dist, **h, **options)).clone()
         ref = reference.compute(family, inputs)
-        x = inputs.args[0].clone().requires_grad_(True)
-        out = TORCH[family](x, *inputs.args[1:], **inputs.kwargs)
+        leaves = [t.requires_grad_(True) for t in inputs.grad_inputs()]
+        out = TORCH[family](*inputs.args, **inputs.kwargs)
         out.backward(inputs.grad_output)
         torch.testing.assert_close(out, ref.loss, equal_nan=True, rtol=1e-12, atol=1e-14, msg=str(options))
-        torch.testing.assert_close(x.grad, ref.grads[0], rtol=1e-12, atol=1e-14, msg=str(options))
+        assert len(leaves) == len(ref.grads) == (3 if options.get("bias") else 1 + (family == "linear_ce"))
+        for leaf, grad in zip(leaves, ref.grads):
+            torch.testing.assert_close(leaf.grad, grad, rtol=1e-12, atol=1e-14, msg=str(options))
+
+
+def test_linear_ce_hand_computed():
+    hidden = torch.tensor([[1.0, 0.0]], dtype=D)
+    weight = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]], dtype=D)  # logits [0, ln 3]: softmax [1/4, 3/4]
+    inputs = Inputs([hidden, weight, torch.tensor([0])], {"bias": torch.zeros(2, dtype=D)}, (0, 1, "bias"),
+                    torch.tensor(1.0, dtype=D))
+    r = reference.compute("linear_ce", inputs)
+    assert r.loss.item() == pytest.approx(math.log(4))
+    g_logits = torch.tensor([[-0.75, 0.75]], dtype=D)
+    torch.testing.assert_close(r.grads[0], g_logits @ weight)  # d hidden
+    torch.testing.assert_close(r.grads[1], g_logits.t() @ hidden)  # d weight
+    torch.testing.assert_close(r.grads[2], g_logits[0])  # d bias

@@ -43,6 +43,9 @@ def test_quick_suite_covers_defaults_in_both_dists_and_every_dtype():
                  {"target": "prob"}, {"log_target": True}):
         assert any(want.items() <= o.items() for o in opts), want
     assert any(o.get("spatial") and o.get("noncontig") for o in opts)
+    linear = [c for c in cases if c.family == "linear_ce"]
+    assert {c.options["reduction"] for c in linear} == {"none", "mean", "sum"}
+    assert any(c.options["ignore_frac"] and c.options["label_smoothing"] for c in linear)
 
 
 def test_filters_and_shape_override():
@@ -60,9 +63,16 @@ def test_filters_and_shape_override():
 
 
 def test_default_plan_is_each_familys_torch_default():
-    plan = build_plan(None, devices=["cpu"], shapes=["32x8"])
-    assert sorted(c.family for c, _ in plan.items) == ["ce", "kl", "nll"]
+    plan = build_plan(None, devices=["cpu"], shapes=["32x8", "16x4x100"])
+    assert sorted((c.family, c.shape) for c, _ in plan.items) == [
+        ("ce", "32x8"), ("kl", "32x8"), ("linear_ce", "16x4x100"), ("nll", "32x8")]
     assert all(not c.non_default_options and m == ("fwd", "fwd_bwd", "bwd") for c, m in plan.items)
+    # In a mixed list each family takes the shapes of its own form; none of its form, no cases.
+    assert "linear_ce" not in {c.family for c, _ in build_plan(None, devices=["cpu"], shapes=["32x8"]).items}
+    with pytest.raises(UsageError, match="NxHxV for linear_ce"):
+        build_plan(None, devices=["cpu"], families=["linear_ce"], shapes=["32x8"])
+    with pytest.raises(UsageError, match="malformed shape"):
+        build_plan(None, devices=["cpu"], shapes=["32x8x9x10"])
 
 
 def test_bad_suite_file(tmp_path):

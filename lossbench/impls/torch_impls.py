@@ -154,3 +154,37 @@ def ce_compile(logits, target, *, weight=None, ignore_index=-100, reduction="mea
 @register(family="kl", name="torch_compile", compiles=True, description="torch.compile(F.kl_div)")
 def kl_compile(input, target, *, reduction="batchmean", log_target=False):
     return _compile("kl", _kl_fn)(input, target, reduction, log_target)
+
+
+# --- linear_ce: the projection to the vocabulary, then cross-entropy -----------------------------
+@register(family="linear_ce", name="torch_functional", description="F.linear + F.cross_entropy")
+def linear_ce_functional(hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean",
+                         label_smoothing=0.0):
+    return F.cross_entropy(F.linear(hidden, weight, bias), target, ignore_index=ignore_index,
+                           reduction=reduction, label_smoothing=label_smoothing)
+
+
+@register(family="linear_ce", name="torch_module", description="F.linear + nn.CrossEntropyLoss")
+def linear_ce_module(hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    loss = _module(nn.CrossEntropyLoss, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+    return loss(F.linear(hidden, weight, bias), target)
+
+
+@register(family="linear_ce", name="torch_composed", description="matmul + log_softmax + gather")
+def linear_ce_composed(hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean",
+                       label_smoothing=0.0):
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    return ce_composed(logits, target, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+
+
+def _linear_ce_fn(hidden, weight, target, bias, ignore_index, reduction, label_smoothing):
+    return F.cross_entropy(F.linear(hidden, weight, bias), target, ignore_index=ignore_index,
+                           reduction=reduction, label_smoothing=label_smoothing)
+
+
+@register(family="linear_ce", name="torch_compile", compiles=True,
+          description="torch.compile(F.linear + F.cross_entropy)")
+def linear_ce_compile(hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    return _compile("linear_ce", _linear_ce_fn)(hidden, weight, target, bias, ignore_index, reduction, label_smoothing)

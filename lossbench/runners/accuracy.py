@@ -90,7 +90,7 @@ class AccuracyResult:
 def measure(fn, pristine: Inputs, ref: Reference, dtype: str) -> AccuracyResult:
     """Call `fn` once (forward + backward) on a copy of `pristine` and compare with `ref`."""
     inputs = pristine.clone()
-    leaves = [inputs.args[i].requires_grad_(True) for i in inputs.differentiable]
+    leaves = [t.requires_grad_(True) for t in inputs.grad_inputs()]
     device = inputs.args[0].device
     synchronize(device)
     start = time.perf_counter()
@@ -110,7 +110,7 @@ def measure(fn, pristine: Inputs, ref: Reference, dtype: str) -> AccuracyResult:
         grads = []
         for i, leaf in zip(inputs.differentiable, leaves):
             if leaf.grad is None:
-                raise ImplementationFault(f"no gradient reached input {i}")
+                raise ImplementationFault(f"no gradient reached input {i!r}")
             grads.append(leaf.grad.double())
         loss_err = rel_l2(out.detach().double(), ref.loss)
         grad_rel = max(rel_l2(g, r) for g, r in zip(grads, ref.grads))

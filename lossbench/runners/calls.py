@@ -23,7 +23,7 @@ class ModeCall:
         self.fn, self.mode, self.fresh = fn, mode, fresh_inputs
         self.pristine = pristine
         self.inputs = pristine.clone()
-        self.leaves = [self.inputs.args[i].requires_grad_(mode != "fwd") for i in self.inputs.differentiable]
+        self.leaves = [t.requires_grad_(mode != "fwd") for t in self.inputs.grad_inputs()]
         self.out: torch.Tensor | None = None
 
     def _forward(self) -> torch.Tensor:

@@ -109,5 +109,5 @@ def floor_bytes(inputs: Inputs, loss_shape: tuple[int, ...], mode: str) -> int:
     gradient of every differentiable input (bwd, fwd_bwd)."""
     first = inputs.args[0]
     loss = torch.Size(loss_shape).numel() * first.element_size()
-    grads = sum(inputs.args[i].numel() * inputs.args[i].element_size() for i in inputs.differentiable)
+    grads = sum(t.numel() * t.element_size() for t in inputs.grad_inputs())
     return {"fwd": loss, "bwd": grads, "fwd_bwd": loss + grads}[mode]

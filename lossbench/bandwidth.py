@@ -1,0 +1,54 @@
+"""Achieved bandwidth: an analytic byte count per family and mode, over the measured time, and the
+device's own copy bandwidth (measured once per run) to read it against.
+
+The byte counts are what an ideal fused implementation must move, so gbps compares implementations
+on the same yardstick. For fused cross-entropy fwd_bwd: the logits read once and the gradient written
+once. An implementation that makes more passes shows a lower gbps; it is not charged for its own
+traffic.
+"""
+from __future__ import annotations
+
+import torch
+
+from .cases import Case, Inputs
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def bytes_moved(case: Case, inputs: Inputs, loss_numel: int, mode: str) -> int:
+    x = inputs.args[0]
+    out = loss_numel * x.element_size()
+    if case.family == "linear_ce":
+        hidden, weight, target = inputs.args
+        operands = _nbytes(hidden) + _nbytes(weight) + _nbytes(inputs.kwargs.get("bias"))
+        # fwd reads hidden and weight once; with gradients, their gradients are written once too.
+        return {"fwd": operands + _nbytes(target) + out,
+                "fwd_bwd": 2 * operands + _nbytes(target) + out,
+                "bwd": 2 * operands + _nbytes(target)}[mode]
+    target = inputs.args[1]
+    extra = _nbytes(target) + _nbytes(inputs.kwargs.get("weight"))
+    xb = _nbytes(x)
+    if case.family == "nll":
+        rows = xb // (x.shape[1] * x.element_size())
+        # the forward gathers one value per row; the gradient is dense, written once
+        return {"fwd": rows * x.element_size() + extra + out, "fwd_bwd": rows * x.element_size() + extra + xb,
+                "bwd": extra + xb}[mode]
+    if case.family == "kl":
+        # the gradient needs only the target: -t (or -exp(t)) over the scale
+        return {"fwd": xb + extra + out, "fwd_bwd": 2 * xb + extra + out, "bwd": xb + extra}[mode]
+    # ce: logits read once; the gradient written once
+    return {"fwd": xb + extra + out, "fwd_bwd": 2 * xb + extra + out, "bwd": 2 * xb + extra}[mode]
+
+
+def copy_gbps(device: str, nbytes: int = 256 * 2**20) -> float:
+    """The device's copy bandwidth in GB/s (bytes read + bytes written per second), median of samples."""
+    from .runners.stats import summarize
+    from .runners.timing import time_callable
+
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    timing = time_callable(lambda: dst.copy_(src), device=device, budget_s=0.5, min_samples=5)
+    median_s = summarize(timing.samples_ms)["time_median_ms"] / 1e3
+    return 2 * nbytes / median_s / 1e9
