@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import bandwidth, devices, records, registry, store, suites, sweep
+from . import bandwidth, devices, quiet_exit, records, registry, store, suites, sweep
 from .errors import UsageError
 from .report.table import family_tables
 from .runners.isolation import IsolatedRunner
@@ -220,6 +220,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_exit.install()
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning  # a skipped corrupt line is news, not a traceback

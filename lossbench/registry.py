@@ -33,6 +33,8 @@ class Implementation:
     grad_in_forward: bool = False  # computes the gradient in forward: its fwd time is not comparable
     compiles: bool = False  # first call compiles: compile_ms is reported apart from steady state
     description: str = ""
+    # Where its semantics knowingly differ from torch's (e.g. a clamp): recorded in every row.
+    convention: str = ""
 
     def why_unsupported(self, case) -> str | None:
         """A reason when the declared capabilities exclude this case, else None."""
@@ -61,7 +63,7 @@ def _origin(fn: Callable[..., Any]) -> tuple[str, str]:
 def register(*, family: str, name: str, devices: Iterable[str] | None = None,
              dtypes: Iterable[str] | None = None, unsupported: Iterable[str] = (),
              mutates_inputs: bool = False, grad_in_forward: bool = False, compiles: bool = False,
-             description: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+             description: str = "", convention: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator that adds `fn` to the registry under (family, name) and returns fn unchanged."""
     get_family(family)
     _load_builtins()  # so a plugin imported first cannot take a built-in name
@@ -75,7 +77,7 @@ def register(*, family: str, name: str, devices: Iterable[str] | None = None,
             family, name, fn,
             tuple(devices) if devices is not None else None,
             tuple(dtypes) if dtypes is not None else None,
-            tuple(unsupported), mutates_inputs, grad_in_forward, compiles, doc,
+            tuple(unsupported), mutates_inputs, grad_in_forward, compiles, doc, convention,
         )
         return fn
 

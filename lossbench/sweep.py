@@ -110,7 +110,8 @@ class UnitRunner:
     def _emit(self, emit: Emit, case: Case, impl: Implementation, modes: Iterable[str], **fields: Any) -> None:
         prov = self.prov_for(case.device)
         for mode in modes:
-            emit(records.row(prov, case, impl.name, mode, grad_in_forward=impl.grad_in_forward, **fields))
+            emit(records.row(prov, case, impl.name, mode, grad_in_forward=impl.grad_in_forward,
+                             convention=impl.convention or None, **fields))
 
     def _run(self, case: Case, impl: Implementation, modes: tuple[str, ...], emit: Emit) -> None:
         reason = impl.why_unsupported(case)

@@ -1,7 +1,18 @@
-import pytest
+import os
+
 import torch
 
-from lossbench.cases import Case
+# Triton picks compiled or interpreted mode when it is first imported, for the whole process. Without
+# a GPU, every Triton kernel here (ours and Liger's) is tested under the interpreter; with one, compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from lossbench import quiet_exit  # noqa: E402
+from lossbench.cases import Case  # noqa: E402
+
+quiet_exit.install()
 
 
 @pytest.fixture

@@ -1,2 +1,7 @@
-"""Built-in implementations; importing this package registers them."""
-from . import torch_impls  # noqa: F401
+"""Built-in implementations; importing this package registers them.
+
+torch_impls: torch's own (torch_module, torch_functional, torch_composed, torch_compile).
+fused:       ours (fused_triton, fused).
+peers:       Liger-Kernel (liger) and Cut Cross-Entropy (cce), each only when importable.
+"""
+from . import fused, peers, torch_impls  # noqa: F401

@@ -37,7 +37,9 @@ def _worker_main(conn, init: dict[str, Any]) -> None:
     _die_with_parent()
     import torch
 
-    from .. import registry
+    from .. import quiet_exit, registry
+
+    quiet_exit.install()
 
     torch.set_num_threads(init["threads"])
     for plugin in init["plugins"]:
@@ -139,7 +141,7 @@ class IsolatedRunner:
         for mode in unit.modes:
             if mode not in written:
                 emit(records.row(self.prov_for(unit.case.device), unit.case, unit.impl, mode, status=status,
-                                 error=why, grad_in_forward=impl.grad_in_forward))
+                                 error=why, grad_in_forward=impl.grad_in_forward, convention=impl.convention or None))
 
     def close(self) -> None:
         if self._proc is not None and self._proc.is_alive():
