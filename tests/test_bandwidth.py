@@ -1,5 +1,4 @@
 """Analytic byte counts and the measured copy bandwidth."""
-import pytest
 
 from lossbench import bandwidth
 from lossbench.cases import Case, make_inputs

@@ -42,30 +42,9 @@ _REDUCTIONS = ("none", "mean", "sum")
 
 
 # --- allocation --------------------------------------------------------------------------------
-# Off by default: on this 2-core VM huge pages made first-touch faster when the machine was idle but
-# several times slower (seconds) while other processes loaded the CPUs.
-HUGE_PAGES = False
-_MADV_HUGEPAGE = 14
-try:
-    _libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    _libc.madvise.restype = ctypes.c_int
-except (OSError, AttributeError):  # not glibc Linux: plain allocation
-    _libc = None
-
-
-def advise_huge_pages(t: torch.Tensor) -> None:
-    """Ask the kernel for transparent huge pages over a fresh, untouched allocation. A fresh 1 GiB
-    buffer otherwise costs 262144 page faults (about 0.2 s here) on its first write; with huge pages
-    it is 512. Best effort: nothing happens where madvise is unavailable or refuses."""
-    nbytes = t.untyped_storage().nbytes()
-    if not HUGE_PAGES or _libc is None or nbytes < (8 << 20) or t.device.type != "cpu":
-        return
-    addr = t.untyped_storage().data_ptr()
-    start = (addr + 4095) & ~4095
-    length = (addr + nbytes - start) & ~4095
-    if length > 0:
-        _libc.madvise(start, length, _MADV_HUGEPAGE)
+# Transparent huge pages (madvise) were tried for the gradient buffer: first touch of 1 GiB fell from
+# 262144 page faults to 512 on an idle machine, but took seconds longer whenever other processes
+# loaded the CPUs, so buffers are plain allocations.
 
 
 def alloc_like_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -75,7 +54,6 @@ def alloc_like_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         out = torch.empty(x.shape, dtype=dtype, device=x.device)
     else:
         out = torch.empty_like(x, dtype=dtype)
-    advise_huge_pages(out)
     return out
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .cross_entropy import advise_huge_pages, compute_dtype, row_ranges, run_chunks
+from .cross_entropy import compute_dtype, row_ranges, run_chunks
 
 __all__ = ["kl_div"]
 
@@ -53,7 +53,6 @@ def kl_forward(input: torch.Tensor, target: torch.Tensor, reduction: str, log_ta
     out = None
     if reduction == "none":
         out = torch.empty_like(input)
-        advise_huge_pages(out)
     lay = _Layout([input, target] + ([out] if out is not None else []))
     x, t = lay.view(input.detach()), lay.view(target.detach())
     o = lay.view(out) if out is not None else None
@@ -103,7 +102,6 @@ class _KLDiv(torch.autograd.Function):
         dtype = ctx.in_dtype
         cd = compute_dtype(dtype)
         g = torch.empty_strided(ctx.in_shape, ctx.g_stride, dtype=dtype)
-        advise_huge_pages(g)
         none = ctx.reduction == "none"
         lay = _Layout([g, target] + ([grad_output] if none else []))
         gv, t = lay.view(g), lay.view(target)
