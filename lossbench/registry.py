@@ -52,6 +52,9 @@ class Implementation:
         return None
 
 
+# Every comparison (speedup, err_ratio_vs_torch, mem ratio) is made against this implementation.
+BASELINE = "torch_functional"
+
 _REGISTRY: dict[tuple[str, str], Implementation] = {}
 _LOADED_PLUGINS: set[str] = set()
 

@@ -19,13 +19,12 @@ import torch
 
 from . import bandwidth, devices, records, reference
 from .cases import Case, Inputs, make_inputs
-from .registry import Implementation, get
+from .registry import BASELINE, Implementation, get
 from .runners import accuracy, memory, stats
 from .runners.calls import ModeCall
 from .runners.timing import time_callable
 from .suites import Plan
 
-BASELINE = "torch_functional"
 Emit = Callable[[dict[str, Any]], None]
 
 
@@ -45,6 +44,14 @@ def units(plan: Plan, impls_for: Callable[[str], list[Implementation]],
             missing = tuple(m for m in modes if records.key(case, impl.name, m) not in done)
             if missing:
                 yield Unit(case, impl.name, missing)
+
+
+def impl_rows(prov: dict[str, Any], case: Case, impl: Implementation, modes: Iterable[str],
+              **fields: Any) -> Iterator[dict[str, Any]]:
+    """Rows for `impl` on `case`, one per mode, with what it declares about itself filled in."""
+    for mode in modes:
+        yield records.row(prov, case, impl.name, mode, grad_in_forward=impl.grad_in_forward,
+                          convention=impl.convention or None, **fields)
 
 
 def status_of(exc: BaseException) -> str:
@@ -108,10 +115,8 @@ class UnitRunner:
                 devices.release_memory(unit.case.device)
 
     def _emit(self, emit: Emit, case: Case, impl: Implementation, modes: Iterable[str], **fields: Any) -> None:
-        prov = self.prov_for(case.device)
-        for mode in modes:
-            emit(records.row(prov, case, impl.name, mode, grad_in_forward=impl.grad_in_forward,
-                             convention=impl.convention or None, **fields))
+        for row in impl_rows(self.prov_for(case.device), case, impl, modes, **fields):
+            emit(row)
 
     def _run(self, case: Case, impl: Implementation, modes: tuple[str, ...], emit: Emit) -> None:
         reason = impl.why_unsupported(case)

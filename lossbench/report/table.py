@@ -8,8 +8,8 @@ import pandas as pd
 from rich.table import Table
 
 from ..families import FAMILIES
+from ..registry import BASELINE
 
-BASELINE = "torch_functional"
 HEADLINE_MODES = ("fwd_bwd", "fwd", "bwd")
 
 

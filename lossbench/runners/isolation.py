@@ -16,9 +16,8 @@ import signal
 import time
 from typing import Any, Callable
 
-from .. import records
 from ..registry import get
-from ..sweep import Emit, Unit, UnitRunner
+from ..sweep import Emit, Unit, UnitRunner, impl_rows
 
 STARTUP_TIMEOUT_S = 300.0  # importing torch (and CUDA initialisation) on a loaded machine
 
@@ -137,11 +136,10 @@ class IsolatedRunner:
                 return self._fill(unit, written, kind, why, emit)
 
     def _fill(self, unit: Unit, written: set[str], status: str, why: str, emit: Emit) -> None:
-        impl = get(unit.case.family, unit.impl)
-        for mode in unit.modes:
-            if mode not in written:
-                emit(records.row(self.prov_for(unit.case.device), unit.case, unit.impl, mode, status=status,
-                                 error=why, grad_in_forward=impl.grad_in_forward, convention=impl.convention or None))
+        missing = [m for m in unit.modes if m not in written]
+        for row in impl_rows(self.prov_for(unit.case.device), unit.case, get(unit.case.family, unit.impl),
+                             missing, status=status, error=why):
+            emit(row)
 
     def close(self) -> None:
         if self._proc is not None and self._proc.is_alive():

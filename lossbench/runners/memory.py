@@ -15,6 +15,7 @@ allocated but never touched cost nothing on a CPU and are not counted.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ def _malloc_trim() -> None:
         pass
 
 
+@functools.cache
 def cpu_peak_supported() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
