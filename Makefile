@@ -5,7 +5,7 @@ PYTHON ?= python3
 PIP_CONSTRAINTS ?= -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: bench test clean
+.PHONY: bench test gpu-check kernels clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,17 @@ bench: $(STAMP)
 # The tests. pytest exits 5 when it collects nothing: make fails on it like on any non-zero status.
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# On a GPU machine, with the CUDA build of torch already in $(VENV) (PIP_CONSTRAINTS= keeps it):
+# the CUDA tests (compiled Triton kernels, ours and the peers', through the accuracy checks), then the
+# gpu suite, whose run file lands in results/. Commit that file.
+gpu-check: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m cuda $(PYTEST_ARGS)
+	$(VENV)/bin/lossbench run --suite gpu --device cuda $(ARGS)
+
+# Registers, spills and shared memory of every Triton kernel variant, compiled for sm_80 and sm_90 (no GPU needed).
+kernels: $(STAMP)
+	$(VENV)/bin/lossbench kernels $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from . import devices
 from .cases import Case, Inputs
 
 
@@ -40,6 +41,17 @@ def bytes_moved(case: Case, inputs: Inputs, loss_numel: int, mode: str) -> int:
         return {"fwd": xb + extra + out, "fwd_bwd": 2 * xb + extra + out, "bwd": xb + extra}[mode]
     # ce: logits read once; the gradient written once
     return {"fwd": xb + extra + out, "fwd_bwd": 2 * xb + extra + out, "bwd": 2 * xb + extra}[mode]
+
+
+# A working set must be this many times the device's largest cache for a rate to count: below it, written
+# bytes can stay dirty in the cache when the timer stops (the copy that measures copy_gbps pays every
+# write), and a rate above 100% of the copy bandwidth would follow.
+CACHE_MULTIPLE = 4
+
+
+def exceeds_cache(nbytes: int, device: str) -> bool:
+    """Whether a working set of `nbytes` is large enough that its rate can be read against copy_gbps."""
+    return nbytes >= CACHE_MULTIPLE * devices.cache_bytes(device)
 
 
 def copy_gbps(device: str, nbytes: int = 256 * 2**20) -> float:

@@ -84,29 +84,61 @@ def _plan(spec: dict):
                              input_dists=_csv(spec["input_dist"]))
     if spec["budget"] is not None:
         plan.budget_s = spec["budget"]
-    return plan, _select_impls(_csv(spec["impl"]), {case.family for case, _ in plan.items})
+    return plan, _select_impls(_csv(spec["impl"]) or plan.impls, {case.family for case, _ in plan.items})
+
+
+def _check_same_plan(args: argparse.Namespace, spec: dict) -> None:
+    """A resume may repeat the run's plan flags (a script re-running its command), never change them."""
+    given = {f: getattr(args, f) for f in _PLAN_FLAGS if getattr(args, f) is not None}
+    if args.plugin:
+        given["plugin"] = args.plugin
+    if not given:
+        return
+    # Resolve the given flags as the original run did (absolute paths, concrete devices).
+    full = vars(args) | {f: None for f in _PLAN_FLAGS if f not in given} | {"plugin": args.plugin}
+    resolved = _spec_from_args(argparse.Namespace(**full))
+    spec_key = {"device": "devices", "plugin": "plugins"}
+    for flag in given:
+        key = spec_key.get(flag, flag)
+        if resolved[key] != spec.get(key):
+            raise UsageError(f"--resume reruns the run's own plan: --{flag.replace('_', '-')} "
+                             f"{_show(resolved[key])} cannot change it (the run has {_show(spec.get(key))})")
+
+
+def _show(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     if not (args.timeout > 0 and math.isfinite(args.timeout)):
         raise UsageError(f"--timeout must be a positive number of seconds, not {args.timeout}")
+    if args.force and not args.resume:
+        raise UsageError("--force goes with --resume")
     if args.resume:
-        given = [f"--{f.replace('_', '-')}" for f in _PLAN_FLAGS if getattr(args, f) is not None] + \
-                ["--plugin"] * bool(args.plugin)
-        if given:
-            raise UsageError(f"--resume reruns the run's own plan: {given[0]} cannot change it")
-        spec = store.read_meta(args.out, args.resume)["spec"]
+        meta = store.read_meta(args.out, args.resume)
+        spec = meta["spec"]
+        _check_same_plan(args, spec)
     else:
         spec = _spec_from_args(args)
     plan, impls = _plan(spec)
     torch.set_num_threads(spec["threads"])  # explicit and recorded: CPU timings mean nothing without it
 
-    # Everything is validated: only now is a run file created or reopened.
     run_id = args.resume or records.new_run_id()
+    if args.resume and not args.force:
+        # Rows measured by other code, torch or hardware must not join the run's file unasked.
+        for device in spec["devices"]:
+            diff = records.provenance_difference(meta.get("provenance", {}).get(device, {}),
+                                                 records.provenance(run_id, device, spec["threads"]))
+            if diff:
+                raise UsageError(f"run {run_id} cannot be resumed here: {diff}; resuming would mix two "
+                                 "versions in one file (--force resumes anyway, each new row with its own provenance)")
+    # Everything is validated: only now is a run file created or reopened.
     provs = {d: records.provenance(run_id, d, spec["threads"], bandwidth.copy_gbps(d)) for d in spec["devices"]}
     if args.resume:
         done = store.done_keys(Path(args.out) / f"{run_id}.jsonl")
         writer = store.RunWriter(args.out, run_id)
+        writer.meta.setdefault("resumes", []).append({"timestamp": records.now(), "forced": args.force,
+                                                      "provenance": provs})
     else:
         done = set()
         writer = store.RunWriter(args.out, run_id, {"suite": plan.name, "spec": spec, "provenance": provs})
@@ -201,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, default=600.0,
                      help="seconds one implementation may take on one case, all modes (default 600)")
     run.add_argument("--resume", metavar="RUN_ID", help="measure only what run RUN_ID in --out is missing")
+    run.add_argument("--force", action="store_true",
+                     help="with --resume: resume even though the code, library versions, device or threads changed")
     run.add_argument("--in-process", action="store_true",
                      help="no worker process (for debugging): no timeout, and a crash ends the run")
     run.set_defaults(func=cmd_run)

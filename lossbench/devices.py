@@ -1,7 +1,9 @@
 """Which devices exist, what they are called, and `--device` parsing."""
 from __future__ import annotations
 
+import functools
 import platform
+from pathlib import Path
 
 import torch
 
@@ -54,6 +56,32 @@ def device_name(device: str) -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cache_bytes(device: str | torch.device) -> int:
+    """The largest cache a working set can stay in between two calls: the L2 of a CUDA device, the
+    last-level cache of the CPU (from sysfs; 32 MiB when the kernel does not say)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_properties(index).L2_cache_size or 64 << 20  # some builds report 0
+    return _cpu_last_level_cache()
+
+
+@functools.cache
+def _cpu_last_level_cache() -> int:
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+            kind = (index / "type").read_text().strip()
+        except OSError:
+            continue
+        if kind == "Instruction" or not text:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1].upper(), 1)
+        sizes.append(int(text.rstrip("KMGkmg")) * unit)
+    return max(sizes, default=32 << 20)
 
 
 def synchronize(device: str | torch.device) -> None:

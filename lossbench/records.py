@@ -74,6 +74,18 @@ def provenance(run_id: str, device: str, threads: int, copy_gbps: float | None =
     }
 
 
+# What must not change within one run: the code, the libraries, the hardware and the thread count.
+COMPARABLE = ("git_sha", "torch_version", "triton_version", "cuda_version", "device_name", "threads")
+
+
+def provenance_difference(stored: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """The first COMPARABLE field that differs, as 'git_sha was X, is now Y'; None when none does."""
+    for field in COMPARABLE:
+        if stored.get(field) != current.get(field):
+            return f"{field} was {stored.get(field)}, is now {current.get(field)}"
+    return None
+
+
 def key(case, impl: str, mode: str) -> tuple:
     return (case.device, case.family, impl, mode, case.n, case.c, case.h, case.dtype, case.options_json, case.input_dist)
 

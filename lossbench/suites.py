@@ -1,6 +1,7 @@
 """Suites are TOML data a user can copy and edit (see suites/quick.toml); this module expands them.
 
-Top-level keys give defaults; each [[group]] names `families` and may override `shapes`, `dtypes`,
+Top-level keys give defaults (and `impls`, the implementations the suite measures unless --impl
+says otherwise; without it, every registered one); each [[group]] names `families` and may override `shapes`, `dtypes`,
 `modes`, `input_dists`; every other key in a group is a family option, and a list of values expands
 as a grid. The CLI's filters then narrow the plan (--family, --dtype, --mode, --input-dist) or
 replace its shapes (--shape).
@@ -30,6 +31,7 @@ class Plan:
     items: list[tuple[Case, tuple[str, ...]]] = field(default_factory=list)  # (case, modes)
     budget_s: float = DEFAULT_BUDGET_S
     name: str = "default"
+    impls: list[str] | None = None  # the suite's implementations (top-level `impls`); None: every one
 
 
 def suite_names() -> list[str]:
@@ -81,7 +83,7 @@ def build_plan(suite: dict[str, Any] | None, *, devices: list[str], name: str = 
         groups = [{"families": list(FAMILIES)}]
         budget = DEFAULT_BUDGET_S
     else:
-        unknown = set(suite) - {"description", "budget_s", "group", *AXES}
+        unknown = set(suite) - {"description", "budget_s", "group", "impls", *AXES}
         if unknown:
             raise UsageError(f"suite {name!r}: unknown key {sorted(unknown)[0]!r}")
         top = {**DEFAULTS, **{a: suite[a] for a in AXES if a in suite}}
@@ -115,4 +117,5 @@ def build_plan(suite: dict[str, Any] | None, *, devices: list[str], name: str = 
     if not items:
         raise UsageError("nothing to run: the filters leave no case (check --family, --dtype, --mode, "
                          "--input-dist, and that --shape has the family's form: NxC, or NxHxV for linear_ce)")
-    return Plan(items, budget, name)
+    impls = None if suite is None or "impls" not in suite else [str(i) for i in _as_list(suite["impls"])]
+    return Plan(items, budget, name, impls)

@@ -72,9 +72,12 @@ def message(exc: BaseException) -> str:
 @dataclass
 class _CaseState:
     case: Case
-    pristine: Inputs
-    ref: reference.Reference
-    measured: dict[str, accuracy.AccuracyResult | Exception]
+    pristine: Inputs | None
+    ref: reference.Reference | None
+    # (impl, "fwd" | "fwd_bwd") -> the accuracy of that call, or what it raised
+    measured: dict[tuple[str, str], accuracy.AccuracyResult | Exception]
+    failure: Exception | None = None  # the inputs or the reference could not be built
+    failure_stage: str = ""
 
 
 class UnitRunner:
@@ -91,17 +94,31 @@ class UnitRunner:
             gc.unfreeze()
             gc.collect()
             gc.freeze()
-            pristine = make_inputs(case)
-            self._state = _CaseState(case, pristine, reference.compute(case.family, pristine), {})
+            self._state = _CaseState(case, None, None, {})
+            # A case too large for this machine fails here once: every implementation and mode of it
+            # gets an oom/error row naming the cause, and the worker lives on to the next case.
+            stage = "inputs"
+            try:
+                self._state.pristine = make_inputs(case)
+                stage = "float64 reference"
+                self._state.ref = reference.compute(case.family, self._state.pristine)
+            except Exception as exc:
+                self._state = _CaseState(case, None, None, {}, exc, stage)  # frees what was built
+                devices.release_memory(case.device)
         return self._state
 
-    def _accuracy(self, st: _CaseState, impl: Implementation) -> accuracy.AccuracyResult | Exception:
-        if impl.name not in st.measured:
+    def _accuracy(self, st: _CaseState, impl: Implementation, call: str = "fwd_bwd"
+                  ) -> accuracy.AccuracyResult | Exception:
+        """The accuracy of one call of `impl`: "fwd_bwd" (forward and backward, the gradients) or
+        "fwd" (the loss of the no_grad call, which a `fwd` row times and may take another path)."""
+        key = (impl.name, call)
+        if key not in st.measured:
+            measure = accuracy.measure if call == "fwd_bwd" else accuracy.measure_forward
             try:
-                st.measured[impl.name] = accuracy.measure(impl.fn, st.pristine, st.ref, st.case.dtype)
+                st.measured[key] = measure(impl.fn, st.pristine, st.ref, st.case.dtype)
             except Exception as exc:
-                st.measured[impl.name] = exc
-        return st.measured[impl.name]
+                st.measured[key] = exc
+        return st.measured[key]
 
     def run(self, unit: Unit, emit: Emit) -> None:
         impl = get(unit.case.family, unit.impl)
@@ -123,30 +140,46 @@ class UnitRunner:
         if reason:
             return self._emit(emit, case, impl, modes, status="unsupported", error=reason)
         st = self._case_state(case)
-        baseline = self._accuracy(st, get(case.family, BASELINE))
-        # torch itself unable to run the case: no ratio (NaN), and its own rows say why.
-        torch_err = math.nan if isinstance(baseline, Exception) else baseline.grad_row_err_max
-        acc = self._accuracy(st, impl)
-        if isinstance(acc, Exception):
-            return self._emit(emit, case, impl, modes, status=status_of(acc), error=message(acc))
-        mutates = acc.mutates_inputs or impl.mutates_inputs
-        acc_fields = dict(
-            loss_rel_err=acc.loss_rel_err, grad_rel_err=acc.grad_rel_err, grad_row_err_max=acc.grad_row_err_max,
-            grad_max_abs_err=acc.grad_max_abs_err, err_vs_floor=acc.err_vs_floor,
-            err_ratio_vs_torch=accuracy.ratio(acc.grad_row_err_max, torch_err),
-            accuracy_ok=acc.accuracy_ok, accuracy_note=acc.note, mutates_inputs=mutates,
-        )
-        # The accuracy call was this implementation's first call with gradients: for a compiled one it
-        # paid the forward and backward compilation, which compile_ms reports apart from steady state.
+        if st.failure is not None:
+            return self._emit(emit, case, impl, modes, status=status_of(st.failure),
+                              error=f"the case's {st.failure_stage} cannot be built: {message(st.failure)}")
+        # Each mode's accuracy describes the call that mode times: fwd the no_grad call's loss,
+        # fwd_bwd and bwd the forward + backward call's loss and gradients.
+        calls = {m: "fwd" if m == "fwd" else "fwd_bwd" for m in modes}
+        acc = {call: self._accuracy(st, impl, call) for call in set(calls.values())}
+        acc_fields = {}
+        for call, result in acc.items():
+            if isinstance(result, Exception):
+                continue
+            if call == "fwd":
+                ratio = None  # no gradient in this call: the gradient columns stay empty
+            else:
+                baseline = self._accuracy(st, get(case.family, BASELINE))
+                # torch itself unable to run the case: no ratio (NaN), and its own rows say why.
+                torch_err = math.nan if isinstance(baseline, Exception) else baseline.grad_row_err_max
+                ratio = accuracy.ratio(result.grad_row_err_max, torch_err)
+            acc_fields[call] = dict(
+                loss_rel_err=result.loss_rel_err, grad_rel_err=result.grad_rel_err,
+                grad_row_err_max=result.grad_row_err_max, grad_max_abs_err=result.grad_max_abs_err,
+                err_vs_floor=result.err_vs_floor, err_ratio_vs_torch=ratio, accuracy_ok=result.accuracy_ok,
+                accuracy_note=result.note, mutates_inputs=result.mutates_inputs or impl.mutates_inputs,
+            )
+        # The accuracy call was this implementation's first call of its kind: for a compiled one it
+        # paid the compilation, which compile_ms reports apart from steady state.
         fwd_bwd_median = None
         for mode in sorted(modes, key=lambda m: m != "fwd_bwd"):  # fwd_bwd first: bwd's compile_ms uses it
+            result = acc[calls[mode]]
+            if isinstance(result, Exception):
+                self._emit(emit, case, impl, [mode], status=status_of(result), error=message(result))
+                continue
+            fields = acc_fields[calls[mode]]
             try:
-                call = ModeCall(impl.fn, st.pristine, mode, fresh_inputs=mutates)
+                call = ModeCall(impl.fn, st.pristine, mode, fresh_inputs=fields["mutates_inputs"])
                 timing = time_callable(call, setup=call.setup, device=case.device, budget_s=self.budget_s)
                 summary = stats.summarize(timing.samples_ms)
-                mem_fields = self._memory(call, case, st, mode)
+                mem_fields = self._memory(call, case, st, impl, mode, result.mutated)
             except Exception as exc:
-                self._emit(emit, case, impl, [mode], status=status_of(exc), error=message(exc), **acc_fields)
+                self._emit(emit, case, impl, [mode], status=status_of(exc), error=message(exc), **fields)
                 continue
             median = summary["time_median_ms"]
             bw_fields = self._bandwidth(case, st, mode, median)
@@ -154,21 +187,26 @@ class UnitRunner:
                 fwd_bwd_median = median
             compile_ms = None
             if impl.compiles:
-                first = timing.first_call_ms if mode == "fwd" else acc.first_call_ms
                 steady = median if mode == "fwd" else (fwd_bwd_median or median)
-                compile_ms = max(first - steady, 0.0)
+                compile_ms = max(result.first_call_ms - steady, 0.0)
             self._emit(emit, case, impl, [mode], status="ok", error=None, compile_ms=compile_ms,
                        converged=timing.converged, raw_ms=[round(s, 6) for s in timing.samples_ms],
-                       **summary, **bw_fields, **mem_fields, **acc_fields)
+                       **summary, **bw_fields, **mem_fields, **fields)
 
     def _bandwidth(self, case: Case, st: _CaseState, mode: str, median_ms: float) -> dict[str, Any]:
         moved = bandwidth.bytes_moved(case, st.pristine, st.ref.loss.numel(), mode)
+        if not bandwidth.exceeds_cache(moved, case.device):
+            # Written bytes can stay in the cache past the timed region: a rate against the copy
+            # bandwidth (which pays every write) would not be a physical one.
+            return {"gbps": None, "pct_peak_bw": None}
         gbps = moved / (median_ms * 1e-3) / 1e9 if median_ms > 0 else None
         peak = self.prov_for(case.device).get("copy_gbps")
         return {"gbps": gbps, "pct_peak_bw": 100 * gbps / peak if gbps and peak else None}
 
-    def _memory(self, call: ModeCall, case: Case, st: _CaseState, mode: str) -> dict[str, Any]:
-        floor = memory.floor_bytes(st.pristine, tuple(st.ref.loss.shape), mode)
+    def _memory(self, call: ModeCall, case: Case, st: _CaseState, impl: Implementation, mode: str,
+                overwritten: tuple) -> dict[str, Any]:
+        floor = memory.floor_bytes(st.pristine, tuple(st.ref.loss.shape), mode, case.device,
+                                   grad_in_forward=impl.grad_in_forward, overwritten=overwritten)
         try:
             mem = memory.measure_call(call, case.device)
         except NotImplementedError:  # no exact probe on this platform: leave it unmeasured

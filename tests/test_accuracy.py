@@ -105,3 +105,47 @@ def test_torch_implementations_on_ignore_variants(case, impl, options):
 
     r = _measure(get("ce", impl).fn, case("ce", **options))
     assert r.accuracy_ok and r.grad_rel_err < 1e-5, (impl, options)
+
+
+def test_fwd_rows_are_judged_on_the_no_grad_call(case):
+    """Each mode's accuracy describes the call it times: the fwd row catches a wrong no-grad path,
+    which the forward + backward call never takes."""
+    from lossbench.registry import Implementation
+    from lossbench.sweep import Unit, UnitRunner
+    import lossbench.registry as registry
+
+    impl = Implementation("ce", "wrong_without_grad", wrong.wrong_without_grad)
+    registry._REGISTRY[("ce", impl.name)] = impl
+    try:
+        rows = []
+        UnitRunner(lambda d: {}, budget_s=0.01).run(Unit(case("ce", n=64, c=50), impl.name, ("fwd", "fwd_bwd")),
+                                                    rows.append)
+    finally:
+        del registry._REGISTRY[("ce", impl.name)]
+    by_mode = {r["mode"]: r for r in rows}
+    assert by_mode["fwd_bwd"]["accuracy_ok"] and by_mode["fwd_bwd"]["loss_rel_err"] < 1e-6
+    fwd = by_mode["fwd"]
+    assert not fwd["accuracy_ok"] and fwd["loss_rel_err"] == pytest.approx(0.01, rel=1e-3)
+    assert fwd["grad_row_err_max"] is None and fwd["grad_rel_err"] is None  # no gradient in that call
+
+
+def test_measure_forward_passes_torch_and_catches_nan(case):
+    c = case("ce", n=64, c=50)
+    inputs = make_inputs(c)
+    ref = reference.compute("ce", inputs)
+    good = accuracy.measure_forward(F.cross_entropy, inputs, ref, "float32")
+    assert good.accuracy_ok and good.loss_rel_err < 1e-6 and good.grad_row_err_max is None
+    bad = accuracy.measure_forward(wrong.returns_nan, inputs, ref, "float32")
+    assert not bad.accuracy_ok and bad.loss_rel_err == math.inf and "NaN" in bad.note
+
+
+def test_chunked_gradient_metrics_equal_the_whole_ones(case, monkeypatch):
+    """Gradients are compared in row slices (no whole float64 copy): same numbers as in one piece."""
+    c = case("ce", n=200, c=300, dist="peaked", ignore_frac=0.1)
+    inputs = make_inputs(c)
+    ref = reference.compute("ce", inputs)
+    whole = accuracy.measure(wrong.rounds_true_class, inputs, ref, "float32")
+    monkeypatch.setattr(accuracy, "COMPARE_CHUNK_BYTES", 7 * 300 * 8)  # 7 rows per slice
+    sliced = accuracy.measure(wrong.rounds_true_class, inputs, ref, "float32")
+    for field in ("grad_rel_err", "grad_row_err_max", "grad_max_abs_err", "err_vs_floor"):
+        assert getattr(sliced, field) == pytest.approx(getattr(whole, field), rel=1e-9), field

@@ -30,3 +30,33 @@ def test_other_families():
 def test_copy_bandwidth_is_measured():
     gbps = bandwidth.copy_gbps("cpu", nbytes=32 * 2**20)
     assert 0.5 < gbps < 2000
+
+
+def test_rates_only_for_working_sets_well_beyond_the_cache(monkeypatch):
+    from lossbench import devices
+
+    monkeypatch.setattr(devices, "cache_bytes", lambda device: 32 << 20)
+    assert not bandwidth.exceeds_cache(127 << 20, "cpu")
+    assert bandwidth.exceeds_cache(128 << 20, "cpu")
+
+
+def test_a_working_set_beyond_the_cache_gets_a_physical_rate():
+    """ce fwd_bwd at 4096x8192 float32 moves 256 MiB (> 4x a 32 MiB cache): its rate is reported, and
+    it cannot beat the copy that moves the same kind of bytes."""
+    import torch
+
+    from lossbench import devices, records
+    from lossbench.sweep import Unit, UnitRunner
+
+    case = Case.make("ce", 4096, 8192, "float32", "cpu")
+    moved = 2 * 4096 * 8192 * 4
+    if not bandwidth.exceeds_cache(moved, "cpu"):
+        import pytest
+
+        pytest.skip(f"this CPU's cache ({devices.cache_bytes('cpu') >> 20} MiB) holds the working set")
+    prov = records.provenance("t", "cpu", torch.get_num_threads(), bandwidth.copy_gbps("cpu"))
+    rows = []
+    UnitRunner(lambda d: prov, budget_s=0.3).run(Unit(case, "fused", ("fwd_bwd",)), rows.append)
+    (row,) = rows
+    assert row["status"] == "ok", row["error"]
+    assert 0 < row["pct_peak_bw"] <= 100

@@ -28,14 +28,19 @@ def test_small_run_writes_complete_rows(tmp_path, capsys):
     assert set(df["family"]) == {"nll", "ce", "kl", "linear_ce"}
     assert len(df) == 4 * 3 * 3  # families x impls x modes
     assert df[df["family"] == "linear_ce"]["h"].eq(16).all()
-    assert (df["gbps"] > 0).all() and (df["pct_peak_bw"] > 0).all() and (df["copy_gbps"] > 0).all()
+    # these working sets fit in the cache: no rate is read against the copy bandwidth
+    assert df["gbps"].isna().all() and df["pct_peak_bw"].isna().all() and (df["copy_gbps"] > 0).all()
     assert (df["status"] == "ok").all()
     assert list(df.columns[: len(COLUMNS)]) == COLUMNS
     assert (df["samples"] >= 5).all()
     assert df["raw_ms"].map(len).equals(df["samples"])
     assert (df["time_ci_low_ms"] <= df["time_median_ms"]).all()
     assert (df["time_median_ms"] <= df["time_ci_high_ms"]).all()
-    assert df["accuracy_ok"].all() and (df["grad_rel_err"] < 1e-5).all()
+    assert df["accuracy_ok"].all()
+    grads, fwd = df[df["mode"] != "fwd"], df[df["mode"] == "fwd"]
+    assert (grads["grad_rel_err"] < 1e-5).all()
+    # fwd rows are judged on the loss of the no_grad call: no gradient columns
+    assert (fwd["loss_rel_err"] < 1e-6).all() and fwd["grad_rel_err"].isna().all()
     assert df["run_id"].nunique() == 1 and df["threads"].iloc[0] == torch.get_num_threads()
     for family in ("nll", "ce", "kl", "linear_ce"):
         assert f"{family} (" in out

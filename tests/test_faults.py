@@ -138,7 +138,7 @@ def test_resume_refuses_a_run_still_being_written(tmp_path, plugin):
     (["--timeout", "0"], "--timeout must be a positive number of seconds"),
     (["--timeout", "nan"], "--timeout must be a positive number of seconds"),
     (["--resume", "20990101T000000Z-abcdef"], "no run '20990101T000000Z-abcdef'"),
-    (["--resume", "x", "--family", "ce"], "--family cannot change it"),
+    (["--force"], "--force goes with --resume"),
 ])
 def test_bad_run_arguments(tmp_path, capsys, args, message):
     assert main(["run", "--out", str(tmp_path), *args]) == 2
@@ -165,3 +165,99 @@ def test_corrupt_and_foreign_files_do_not_hide_good_results(tmp_path, capsys):
     with pytest.warns(UserWarning):
         df = load_results(out)
     assert len(df) == 2 + 1  # the good run's rows, and the truncated copy's complete first line
+
+
+def _finished_then_cut(tmp_path, *extra):
+    """A small finished run with its last 3 rows cut off, as if it had been killed: (out, run_id)."""
+    out = tmp_path / "res"
+    assert main(["run", "--out", str(out), *TINY, "--impl", "torch_functional", *extra]) == 0
+    (run_file,) = out.glob("*.jsonl")
+    lines = run_file.read_text().splitlines(keepends=True)
+    run_file.write_text("".join(lines[:-3]))
+    return out, run_file.stem
+
+
+def _set_stored(out, run_id, **fields):
+    meta_path = out / f"{run_id}.meta.json"
+    meta = json.loads(meta_path.read_text())
+    for prov in meta["provenance"].values():
+        prov.update(fields)
+    meta_path.write_text(json.dumps(meta))
+
+
+def test_provenance_difference_names_the_first_changed_field():
+    from lossbench.records import COMPARABLE, provenance, provenance_difference
+
+    now = provenance("r", "cpu", 2)
+    assert provenance_difference(dict(now), now) is None
+    for field in COMPARABLE:
+        assert provenance_difference({**now, field: "other"}, now) == f"{field} was other, is now {now[field]}"
+    assert provenance_difference({**now, "host": "elsewhere", "timestamp": "then"}, now) is None
+
+
+@pytest.mark.parametrize("field,value", [("git_sha", "0123456789abcdef0123456789abcdef01234567")])
+def test_resume_refuses_a_changed_world_and_force_overrides(tmp_path, capsys, field, value):
+    out, run_id = _finished_then_cut(tmp_path)
+    _set_stored(out, run_id, **{field: value})
+    capsys.readouterr()
+    assert main(["run", "--resume", run_id, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{field} was {value}" in err and "--force" in err
+    assert len(load_results(out)) == 2 * 3 - 3  # nothing written, nothing lost
+
+    assert main(["run", "--resume", run_id, "--out", str(out), "--force"]) == 0
+    df = load_results(out)
+    assert len(df) == 2 * 3 and df["run_id"].nunique() == 1
+    from lossbench.records import provenance
+
+    assert (df[field].iloc[3:] == provenance(run_id, "cpu", 1)[field]).all()  # new rows: their own provenance
+    meta = json.loads((out / f"{run_id}.meta.json").read_text())
+    assert meta["state"] == "complete" and meta["resumes"][-1]["forced"] is True
+
+
+def test_resume_accepts_the_same_plan_flags_and_refuses_different_ones(tmp_path, capsys):
+    out, run_id = _finished_then_cut(tmp_path)
+    capsys.readouterr()
+    assert main(["run", "--resume", run_id, "--out", str(out), "--family", "nll"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--family nll cannot change it (the run has ce)" in err
+    assert main(["run", "--resume", run_id, "--out", str(out), "--budget", "0.5"]) == 2
+    # The original command line again, with --resume: accepted, and the run completes.
+    assert main(["run", "--resume", run_id, "--out", str(out), *TINY, "--impl", "torch_functional",
+                 "--device", "cpu"]) == 0
+    assert len(load_results(out)) == 2 * 3
+
+
+def test_a_case_too_large_to_build_gives_oom_rows_and_the_sweep_goes_on(tmp_path):
+    out = tmp_path / "res"
+    t0 = time.monotonic()
+    rc = main(["run", "--out", str(out), "--family", "ce", "--shape", "200000x200000,64x10", "--mode", "fwd",
+               "--impl", "torch_functional,torch_compile", "--budget", "0.01"])
+    assert rc == 1  # rows that failed to run
+    assert time.monotonic() - t0 < 60
+    df = load_results(out)
+    big, small = df[df["n"] == 200000], df[df["n"] == 64]
+    assert len(big) == 2 and (big["status"] == "oom").all()
+    assert big["error"].str.startswith("the case's inputs cannot be built: ").all()
+    assert len(small) == 2 and (small["status"] == "ok").all()
+
+
+def test_a_reference_that_cannot_be_built_is_tried_once_per_case(monkeypatch):
+    from lossbench import reference
+    from lossbench.cases import Case
+    from lossbench.sweep import Unit, UnitRunner
+
+    calls = []
+
+    def no_memory(family, inputs):
+        calls.append(family)
+        raise MemoryError()
+
+    monkeypatch.setattr(reference, "compute", no_memory)
+    runner, rows = UnitRunner(lambda d: {}, budget_s=0.01), []
+    case = Case.make("ce", 64, 10, "float32", "cpu")
+    for impl in ("torch_functional", "torch_module", "torch_composed"):
+        runner.run(Unit(case, impl, ("fwd", "fwd_bwd")), rows.append)
+    assert len(rows) == 6 and calls == ["ce"]
+    assert all(r["status"] == "oom" and r["error"] == "the case's float64 reference cannot be built: MemoryError"
+               for r in rows)

@@ -66,10 +66,33 @@ def test_absolute_peak_includes_the_inputs():
 
 
 def test_floor_bytes():
-    inputs = make_inputs(Case.make("ce", 64, 50, "bfloat16", "cpu", options={"reduction": "none"}))
-    assert memory.floor_bytes(inputs, (64,), "fwd") == 64 * 2
-    assert memory.floor_bytes(inputs, (64,), "bwd") == 64 * 50 * 2
-    assert memory.floor_bytes(inputs, (64,), "fwd_bwd") == 64 * 2 + 64 * 50 * 2
+    inputs = make_inputs(Case.make("ce", 64, 500, "bfloat16", "cpu", options={"reduction": "none"}))
+    loss, grad = 64 * 2, 64 * 500 * 2
+    # CUDA's allocator counts bytes
+    assert memory.floor_bytes(inputs, (64,), "fwd", "cuda") == loss
+    assert memory.floor_bytes(inputs, (64,), "bwd", "cuda") == grad
+    assert memory.floor_bytes(inputs, (64,), "fwd_bwd", "cuda") == loss + grad
+    # grad in forward: the gradient exists before bwd starts
+    assert memory.floor_bytes(inputs, (64,), "bwd", "cuda", grad_in_forward=True) == 0
+    assert memory.floor_bytes(inputs, (64,), "fwd_bwd", "cuda", grad_in_forward=True) == loss + grad
+    # a gradient written into the input it overwrote costs nothing new
+    assert memory.floor_bytes(inputs, (64,), "fwd_bwd", "cuda", overwritten=(0,)) == loss
+    # CPU pages: a new buffer may share its first and last page with resident memory
+    page = memory.PAGE_BYTES
+    assert memory.floor_bytes(inputs, (64,), "fwd", "cpu") == 0
+    assert memory.floor_bytes(inputs, (64,), "bwd", "cpu") == grad - 2 * page
+
+
+@pytest.mark.parametrize("mib", [1, 8])
+def test_cpu_floor_is_a_floor_for_a_fresh_buffer(mib):
+    """The CPU floor of a tensor is below what the probe reads when exactly that tensor is made."""
+    probe = memory.probe_for("cpu")
+    for _ in range(5):
+        probe.start()
+        t = torch.ones(mib * MiB // 4)
+        got = probe.stop().extra_mem_bytes
+        assert memory.visible_bytes(t.numel() * 4, "cpu") <= got
+        del t
 
 
 @pytest.mark.cuda

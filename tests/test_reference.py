@@ -114,3 +114,32 @@ def test_linear_ce_hand_computed():
     torch.testing.assert_close(r.grads[0], g_logits @ weight)  # d hidden
     torch.testing.assert_close(r.grads[1], g_logits.t() @ hidden)  # d weight
     torch.testing.assert_close(r.grads[2], g_logits[0])  # d bias
+
+
+@pytest.mark.parametrize("family,shape,opts", [
+    ("ce", (37, 50), {}),
+    ("ce", (37, 50), {"reduction": "none"}),
+    ("ce", (37, 50), {"reduction": "sum", "weight": True, "ignore_frac": 0.3, "label_smoothing": 0.1}),
+    ("ce", (37, 50), {"weight": True, "ignore_frac": 0.3}),
+    ("ce", (37, 50), {"ignore_frac": 1.0}),
+    ("ce", (37, 50), {"target": "prob"}),
+    ("ce", (9, 50), {"spatial": 3, "reduction": "none"}),
+    ("nll", (37, 50), {"weight": True, "ignore_frac": 0.25}),
+    ("kl", (37, 50), {}),
+    ("kl", (37, 50), {"reduction": "mean", "log_target": True}),
+    ("kl", (37, 50), {"reduction": "none"}),
+    ("linear_ce", (37, 8, 50), {"bias": True, "label_smoothing": 0.1, "ignore_frac": 0.25}),
+    ("linear_ce", (37, 8, 50), {"reduction": "none"}),
+])
+def test_chunked_reference_equals_the_whole_one(monkeypatch, family, shape, opts):
+    """Large cases compute the reference in row slices: the same numbers as in one piece."""
+    from lossbench.cases import Case, make_inputs
+
+    inputs = make_inputs(Case.from_shape(family, shape, "float32", "cpu", "peaked", opts))
+    whole = reference.compute(family, inputs)
+    row_bytes = reference._row_bytes(family, inputs)
+    monkeypatch.setattr(reference, "_compute_whole", None)  # the sliced path must be the one that runs
+    sliced = reference.compute(family, inputs, chunk_bytes=5 * row_bytes)  # 5 rows per slice
+    torch.testing.assert_close(sliced.loss, whole.loss, rtol=1e-12, atol=1e-14, equal_nan=True)
+    for s, w in zip(sliced.grads, whole.grads):
+        torch.testing.assert_close(s, w, rtol=1e-12, atol=1e-14)

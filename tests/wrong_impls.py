@@ -70,3 +70,10 @@ def scales_by_first(logits, target, **kw):
 
 def returns_nan(logits, target, **kw):
     return F.cross_entropy(logits, target, **kw) * torch.tensor(float("nan"))
+
+
+def wrong_without_grad(logits, target, **kw):
+    """Right with gradients; without them (a `fwd` call under no_grad) its loss is 1% too large,
+    as a kernel whose inference path differs from its training path can be."""
+    loss = F.cross_entropy(logits, target, **kw)
+    return loss if torch.is_grad_enabled() else loss * 1.01

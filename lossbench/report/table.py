@@ -39,19 +39,37 @@ def _fmt_ratio(x: float) -> str:
     return "inf" if math.isinf(x) else f"{x:.2g}"
 
 
+UNCONVERGED = "~"
+NOTES = {
+    "accuracy": "✗: an error outside the dtype's budget.",
+    "unconverged": f"{UNCONVERGED}: the timing did not converge (the 95% CI of the median was still wider than "
+                   "±2% when the row's budget ran out): read the CI; rerun with a larger --budget to narrow it.",
+}
+
+
+def _converged(row: pd.Series) -> bool:
+    return row.get("converged") is not False and not (isinstance(row.get("converged"), float)
+                                                       and row["converged"] == 0.0)
+
+
 def _cell(row: pd.Series, base: pd.Series | None) -> str:
     if row["status"] != "ok":
         return f"[yellow]{row['status']}[/]" if row["status"] == "unsupported" else f"[red]{row['status']}[/]"
     mark = "" if row["accuracy_ok"] else " [red]✗[/]"
-    exact = row["grad_row_err_max"] == 0
-    err = "exact" if exact else f"err×{_fmt_ratio(row['err_ratio_vs_torch'])}"
+    time_mark = "" if _converged(row) else f"[magenta]{UNCONVERGED}[/]"
+    has_grad = pd.notna(row["grad_row_err_max"])
+    # a fwd row has no gradient: its error is the loss's
+    own = row["grad_row_err_max"] if has_grad else row["loss_rel_err"]
+    exact = own == 0
     if row["impl"] == BASELINE or base is None or base["status"] != "ok":
         ci = f"[{_fmt_ms(row['time_ci_low_ms'])}, {_fmt_ms(row['time_ci_high_ms'])}]"
-        own_err = "exact" if exact else f"err {row['grad_row_err_max']:.1e}"
+        own_err = "exact" if exact else f"{'err' if has_grad else 'loss err'} {own:.1e}"
         mem = f" +{_fmt_bytes(row['extra_mem_bytes'])}" if pd.notna(row.get("extra_mem_bytes")) else ""
-        return f"{_fmt_ms(row['time_median_ms'])} {ci}{mem} {own_err}{mark}"
+        return f"{time_mark}{_fmt_ms(row['time_median_ms'])} {ci}{mem} {own_err}{mark}"
+    err = "exact" if exact else (f"err×{_fmt_ratio(row['err_ratio_vs_torch'])}" if has_grad
+                                 else f"loss err {own:.1e}")
     speedup = base["time_median_ms"] / row["time_median_ms"]
-    return f"{speedup:.2f}× {err}{_mem_ratio(row, base)}{mark}"
+    return f"{time_mark}{speedup:.2f}× {err}{_mem_ratio(row, base)}{mark}"
 
 
 def family_tables(df: pd.DataFrame) -> list[Table]:
@@ -66,6 +84,9 @@ def family_tables(df: pd.DataFrame) -> list[Table]:
             title=f"{family} ({FAMILIES[family].title}), {mode}: speedup over {BASELINE}, worst-row gradient "
                   f"error and peak extra memory over {BASELINE}'s (✗ outside the dtype's budget)",
             title_justify="left",
+            caption=" ".join(NOTES.values()) if not fam["converged"].fillna(True).astype(bool).all()
+            else NOTES["accuracy"],
+            caption_justify="left",
         )
         table.add_column("case")
         for impl in impls:

@@ -74,57 +74,132 @@ def max_abs_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return d.abs().max().item() if d.numel() else 0.0
 
 
+# Gradients are compared in slices along dim 0, so that a float64 copy of one slice, not of the whole
+# gradient, exists at a time: at 16384 x 131072 a whole float64 copy is 16 GiB, beside a 16 GiB reference.
+COMPARE_CHUNK_BYTES = 256 << 20
+
+
+@dataclass
+class GradErrors:
+    rel: float  # relative L2 error of the whole gradient
+    row_max: float  # worst sample row's relative L2 error
+    abs_max: float
+    floor_row_max: float  # the worst-row error of the reference rounded once to the input dtype
+    nonfinite: bool  # NaN/Inf where the reference is finite (or finite where it is NaN)
+
+
+def grad_errors(g: torch.Tensor, ref: torch.Tensor, class_dim: int, dtype: torch.dtype) -> GradErrors:
+    """Every gradient metric of `g` against the float64 `ref`, in slices of rows along dim 0.
+    The same numbers as rel_l2 / worst_row_err / max_abs_err on the whole tensors."""
+    rows = ref.shape[0] if ref.dim() else 1
+    # 1-d gradients (a bias) are one row: compared whole
+    step = rows if ref.dim() < 2 else max(1, COMPARE_CHUNK_BYTES // (8 * ref[0].numel() or 1))
+    num2 = den2 = 0.0
+    row_max = abs_max = floor_max = 0.0
+    nonfinite = False
+    for s in range(0, rows, step):
+        gc_, rc = (g.double(), ref) if ref.dim() < 2 else (g[s:s + step].double(), ref[s:s + step])
+        if _nonfinite_mismatch(gc_, rc):
+            nonfinite = True
+            break
+        d = _diff(gc_, rc)
+        num2 += float(d.square().sum())
+        den2 += float(torch.nan_to_num(rc, nan=0.0).square().sum())
+        abs_max = max(abs_max, d.abs().max().item() if d.numel() else 0.0)
+        row_max = max(row_max, worst_row_err(gc_, rc, class_dim))
+        floor_max = max(floor_max, worst_row_err(rc.to(dtype).double(), rc, class_dim))
+    if nonfinite:
+        return GradErrors(math.inf, math.inf, math.inf, floor_max, True)
+    num, den = math.sqrt(num2), math.sqrt(den2)
+    rel = (0.0 if num == 0 else math.inf) if den == 0 else num / den
+    return GradErrors(rel, row_max, abs_max, floor_max, False)
+
+
 @dataclass
 class AccuracyResult:
     loss_rel_err: float
-    grad_rel_err: float
-    grad_row_err_max: float
-    grad_max_abs_err: float
-    err_vs_floor: float
+    grad_rel_err: float | None  # None: the call computed no gradient (a `fwd` row)
+    grad_row_err_max: float | None
+    grad_max_abs_err: float | None
+    err_vs_floor: float | None
     accuracy_ok: bool
     mutates_inputs: bool  # an input differed after the call
-    first_call_ms: float  # forward + backward of the very first call (compilation included)
+    first_call_ms: float  # the very first call (compilation included)
     note: str | None = None  # what made it fail, in one line, when something non-finite did
+    # positions / names of the inputs the call wrote into (their gradient may live in their storage)
+    mutated: tuple[int | str, ...] = ()
+
+
+def _call(fn, inputs: Inputs) -> tuple[torch.Tensor, float]:
+    device = inputs.args[0].device
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn(*inputs.args, **inputs.kwargs)
+    return out, start
+
+
+def _check_output(out, ref: Reference) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise ImplementationFault(f"returned {type(out).__name__}, not a tensor")
+    if tuple(out.shape) != tuple(ref.loss.shape):
+        raise ImplementationFault(f"returned shape {tuple(out.shape)}, expected {tuple(ref.loss.shape)}")
+
+
+def _mutated(inputs: Inputs, pristine: Inputs) -> tuple[int | str, ...]:
+    keys = [*range(len(inputs.args)), *[k for k, v in inputs.kwargs.items() if isinstance(v, torch.Tensor)]]
+    return tuple(k for k in keys if not torch.equal(inputs.get(k), pristine.get(k)))
+
+
+def measure_forward(fn, pristine: Inputs, ref: Reference, dtype: str) -> AccuracyResult:
+    """The loss of one call under no_grad (what a `fwd` row times) against the reference.
+    Implementations may take a different path without gradients: this checks that path."""
+    inputs = pristine.clone()
+    with torch.no_grad():
+        out, start = _call(fn, inputs)
+        _check_output(out, ref)
+        synchronize(inputs.args[0].device)
+        first_call_ms = (time.perf_counter() - start) * 1e3
+        loss_err = rel_l2(out.detach().double(), ref.loss)
+        mutated = _mutated(inputs, pristine)
+    note = None
+    if _nonfinite_mismatch(out.detach().double(), ref.loss):
+        note = "loss is NaN/Inf where the reference is finite (or finite where it is NaN)"
+    return AccuracyResult(loss_rel_err=loss_err, grad_rel_err=None, grad_row_err_max=None, grad_max_abs_err=None,
+                          err_vs_floor=None, accuracy_ok=math.isfinite(loss_err) and loss_err <= BUDGETS[dtype],
+                          mutates_inputs=bool(mutated), first_call_ms=first_call_ms, note=note, mutated=mutated)
 
 
 def measure(fn, pristine: Inputs, ref: Reference, dtype: str) -> AccuracyResult:
     """Call `fn` once (forward + backward) on a copy of `pristine` and compare with `ref`."""
     inputs = pristine.clone()
     leaves = [t.requires_grad_(True) for t in inputs.grad_inputs()]
-    device = inputs.args[0].device
-    synchronize(device)
-    start = time.perf_counter()
-    out = fn(*inputs.args, **inputs.kwargs)
-    if not isinstance(out, torch.Tensor):
-        raise ImplementationFault(f"returned {type(out).__name__}, not a tensor")
-    if tuple(out.shape) != tuple(ref.loss.shape):
-        raise ImplementationFault(f"returned shape {tuple(out.shape)}, expected {tuple(ref.loss.shape)}")
+    out, start = _call(fn, inputs)
+    _check_output(out, ref)
     if not out.requires_grad:
         raise ImplementationFault("output does not require grad: no backward")
     out.backward(inputs.grad_output)
-    synchronize(device)
+    synchronize(inputs.args[0].device)
     first_call_ms = (time.perf_counter() - start) * 1e3
 
     with torch.no_grad():
-        mutated = any(not torch.equal(a, b) for a, b in zip(inputs.tensors(), pristine.tensors()))
-        grads = []
+        mutated = _mutated(inputs, pristine)
         for i, leaf in zip(inputs.differentiable, leaves):
             if leaf.grad is None:
                 raise ImplementationFault(f"no gradient reached input {i!r}")
-            grads.append(leaf.grad.double())
-        loss_err = rel_l2(out.detach().double(), ref.loss)
-        grad_rel = max(rel_l2(g, r) for g, r in zip(grads, ref.grads))
-        row_max = max(worst_row_err(g, r, inputs.class_dim) for g, r in zip(grads, ref.grads))
-        abs_max = max(max_abs_err(g, r) for g, r in zip(grads, ref.grads))
         torch_dtype = inputs.args[0].dtype
-        floor = max(worst_row_err(r.to(torch_dtype).double(), r, inputs.class_dim) for r in ref.grads)
+        errs = [grad_errors(leaf.grad, r, inputs.class_dim, torch_dtype) for leaf, r in zip(leaves, ref.grads)]
+        loss_err = rel_l2(out.detach().double(), ref.loss)
+        grad_rel = max(e.rel for e in errs)
+        row_max = max(e.row_max for e in errs)
+        abs_max = max(e.abs_max for e in errs)
+        floor = max(e.floor_row_max for e in errs)
 
     budget = BUDGETS[dtype]
     ok = all(math.isfinite(e) and e <= budget for e in (loss_err, grad_rel, row_max))
     note = None
     if _nonfinite_mismatch(out.detach().double(), ref.loss):
         note = "loss is NaN/Inf where the reference is finite (or finite where it is NaN)"
-    elif any(_nonfinite_mismatch(g, r) for g, r in zip(grads, ref.grads)):
+    elif any(e.nonfinite for e in errs):
         note = "gradient has NaN/Inf where the reference is finite"
     return AccuracyResult(
         loss_rel_err=loss_err,
@@ -133,9 +208,10 @@ def measure(fn, pristine: Inputs, ref: Reference, dtype: str) -> AccuracyResult:
         grad_max_abs_err=abs_max,
         err_vs_floor=row_max / floor if floor > 0 else math.nan,
         accuracy_ok=ok,
-        mutates_inputs=mutated,
+        mutates_inputs=bool(mutated),
         first_call_ms=first_call_ms,
         note=note,
+        mutated=mutated,
     )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import gc
+import os
 from dataclasses import dataclass
 
 import torch
@@ -106,10 +107,33 @@ def measure_call(call, device: str | torch.device) -> MemoryResult:
     return probe.stop()
 
 
-def floor_bytes(inputs: Inputs, loss_shape: tuple[int, ...], mode: str) -> int:
-    """Bytes that must exist whatever the implementation: the loss it returns (fwd, fwd_bwd) and the
-    gradient of every differentiable input (bwd, fwd_bwd)."""
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def visible_bytes(nbytes: int, device: str | torch.device) -> int:
+    """The least growth the device's memory counter must show for a new tensor of `nbytes`.
+    CUDA's allocator counts every byte (rounded up). The CPU probe counts resident pages, and a new
+    buffer may share up to two partly used pages (its first and last) with memory already resident,
+    so a scalar loss can cost no new page at all: its floor there is nbytes - 2 pages, never below 0."""
+    if torch.device(device).type == "cuda":
+        return nbytes
+    return max(0, nbytes - 2 * PAGE_BYTES)
+
+
+def floor_bytes(inputs: Inputs, loss_shape: tuple[int, ...], mode: str, device: str | torch.device, *,
+                grad_in_forward: bool = False, overwritten: tuple = ()) -> int:
+    """What the implementation must allocate in this mode, as the device's memory counter sees it:
+    - fwd: the loss it returns;
+    - bwd: the gradient of every differentiable input, except for implementations that compute the
+      gradient in forward (grad_in_forward): theirs exists before bwd starts, so their bwd floor is 0
+      and their gradient counts in fwd_bwd;
+    - fwd_bwd: both.
+    A gradient an implementation writes into the storage of an input it overwrites (`overwritten`:
+    positions or names, as the accuracy call detected them; Liger writes into the logits) costs no new
+    memory and is not counted."""
     first = inputs.args[0]
-    loss = torch.Size(loss_shape).numel() * first.element_size()
-    grads = sum(t.numel() * t.element_size() for t in inputs.grad_inputs())
-    return {"fwd": loss, "bwd": grads, "fwd_bwd": loss + grads}[mode]
+    loss = visible_bytes(torch.Size(loss_shape).numel() * first.element_size(), device)
+    grads = sum(visible_bytes(inputs.get(k).numel() * inputs.get(k).element_size(), device)
+                for k in inputs.differentiable if k not in overwritten)
+    bwd = 0 if grad_in_forward else grads
+    return {"fwd": loss, "bwd": bwd, "fwd_bwd": loss + grads}[mode]

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..devices import synchronize
+from ..devices import cache_bytes, synchronize
 from .stats import median_ci, summarize
 
-# Zero-filled between CUDA samples so no sample starts with its operands already in L2.
-_L2_FLUSH_BUFFERS: dict[int, torch.Tensor] = {}
+# Between samples, so that no sample starts with its operands already in the cache:
+# CUDA: a buffer of 4x the L2 is zero-filled; CPU: a buffer of 2x the last-level cache is read (a read
+# leaves no dirty lines behind whose write-back would land in the next timed sample).
+_FLUSH_BUFFERS: dict[str, torch.Tensor] = {}
 
 
 @dataclass
@@ -38,15 +40,19 @@ class TimingResult:
         }
 
 
-def _flush_l2(device: torch.device) -> None:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    buf = _L2_FLUSH_BUFFERS.get(index)
+def flush_caches(device: torch.device) -> None:
+    """Evict the device's caches (untimed): L2 on CUDA, the last-level cache on the CPU."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    buf = _FLUSH_BUFFERS.get(str(device))
     if buf is None:
-        # Some builds report 0: fall back to a 64 MiB guess rather than flush nothing.
-        l2_bytes = torch.cuda.get_device_properties(index).L2_cache_size or 64 << 20
-        buf = torch.empty(4 * l2_bytes, dtype=torch.uint8, device=torch.device("cuda", index))
-        _L2_FLUSH_BUFFERS[index] = buf
-    buf.zero_()
+        multiple = 4 if device.type == "cuda" else 2
+        buf = torch.zeros(multiple * cache_bytes(device) // 4, dtype=torch.float32, device=device)
+        _FLUSH_BUFFERS[str(device)] = buf
+    if device.type == "cuda":
+        buf.zero_()
+    else:
+        buf.sum()
 
 
 
@@ -90,12 +96,13 @@ def time_callable(
     max_samples: int = 10_000,
     rel_ci: float = 0.02,
     warmup: int = 2,
-    flush_l2: bool = True,
+    cold_cache: bool = True,
 ) -> TimingResult:
     """Time ``fn()`` until the 95% CI of its median is within ``rel_ci`` of it, or the budget ends.
 
-    Every call (warm-up and sample) is preceded by ``setup()``, which is never timed; on
-    CUDA an L2 flush (if ``flush_l2``) also runs untimed between setup and the sample.
+    Every call (warm-up and sample) is preceded by ``setup()``, which is never timed; with
+    ``cold_cache`` the device's caches are then evicted, untimed, before every sample (CPU and CUDA
+    alike), so no sample reads what the previous one left in the cache.
     At least ``min_samples`` samples are taken even over budget, never more than ``max_samples``.
     """
     device = torch.device(device)
@@ -115,6 +122,8 @@ def time_callable(
         for i in range(warmup):
             if setup is not None:
                 setup()
+            if cold_cache:  # as before a sample (and the eviction buffer is made here, untimed)
+                flush_caches(device)
             synchronize(device)  # setup's queued GPU work must not count towards the first call
             t0 = time.perf_counter()
             fn()
@@ -132,8 +141,8 @@ def time_callable(
             while True:
                 if setup is not None:
                     setup()
-                if cuda and flush_l2:
-                    _flush_l2(device)
+                if cold_cache:
+                    flush_caches(device)
                 samples.append(sample())
                 n = len(samples)
                 if n < min_samples:
