@@ -16,6 +16,7 @@ from rich.table import Table
 
 from . import bandwidth, devices, quiet_exit, records, registry, store, suites, sweep
 from .errors import UsageError
+from .report.kernels import kernel_table
 from .report.table import family_tables
 from .runners.isolation import IsolatedRunner
 
@@ -212,6 +213,35 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kernels(args: argparse.Namespace) -> int:
+    try:
+        from .kernels.triton import aot
+    except ImportError as exc:
+        raise UsageError(f"the Triton kernels need triton: {exc}") from None
+    archs, kernels = _csv(args.arch) or list(aot.ARCHS), _csv(args.kernel)
+    err = _console(stderr=True)
+    with Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err) as progress:
+        task = progress.add_task("compiling", total=None)
+
+        def advance(row, done, total):
+            progress.update(task, completed=done, total=total, description=f"{row.kernel} {row.arch} {row.variant}"[:40])
+
+        try:
+            rows = aot.resource_table(archs, kernels, progress=advance)
+        except ValueError as exc:  # an unknown kernel or arch, before anything compiles
+            raise UsageError(str(exc)) from None
+    df = aot.format_rows(rows)
+    _console().print(kernel_table(df))
+    spills = df[df["spill_bytes"] > 0]
+    _console().print(f"{len(df)} variants compiled; {len(spills)} spill"
+                     + (f": {', '.join(spills['kernel'] + ' ' + spills['variant'] + ' ' + spills['arch'])}"
+                        if len(spills) else ""))
+    if args.json:
+        Path(args.json).write_text(df.to_json(orient="records", indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lossbench", description="Time, memory and gradient accuracy of PyTorch loss implementations.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -246,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="print the comparison tables of a results file or folder")
     rep.add_argument("path")
     rep.set_defaults(func=cmd_report)
+
+    ker = sub.add_parser("kernels", help="compile every Triton kernel variant for real GPUs (no GPU needed) and "
+                                         "print registers, spills and shared memory")
+    ker.add_argument("--arch", help="comma-separated: sm_80,sm_90 (default both)")
+    ker.add_argument("--kernel", help="comma-separated: ce,kl (default all)")
+    ker.add_argument("--json", help="also write the table to this JSON file")
+    ker.set_defaults(func=cmd_kernels)
     return p
 
 

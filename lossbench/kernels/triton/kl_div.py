@@ -9,19 +9,25 @@ The gradient flows to `input` only: target is data.
 """
 from __future__ import annotations
 
+import itertools
+import struct
+
 import torch
 
-from . import _check_device, _interpreting, _jit
-from .cross_entropy import _acc_dtype, _rtne_bf16  # noqa: F401 (_rtne_bf16: kernel global)
+from . import (LaunchConfig, TritonDtype, _check_device, _interpreting, int_type, launch, triton_type,
+               unique_variants)
+from .cross_entropy import DTYPES, _acc_dtype, _rtne_bf16  # noqa: F401 (_rtne_bf16: kernel global)
 
 BLOCK = 4096
+NUM_WARPS = 8
 tl = None  # triton.language, bound by _jit at the first launch (importing triton freezes its mode)
 
 
-def _kl_kernel(X, T, OUT, G, GO, n, den, LOG_TARGET: tl.constexpr, MODE: tl.constexpr,
+def _kl_kernel(X, T, OUT, G, GO, n, den, den_lo, LOG_TARGET: tl.constexpr, MODE: tl.constexpr,
                ROUND_BF16: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     # MODE 0: per-element loss to OUT.  MODE 1: block partial sum to OUT, gradient / den to G.
     # MODE 2: gradient * GO (per element) to G.
+    # den is a float32 argument: den + den_lo is the count exactly (float64 needs all its digits).
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -44,7 +50,10 @@ def _kl_kernel(X, T, OUT, G, GO, n, den, LOG_TARGET: tl.constexpr, MODE: tl.cons
             tl.store(OUT + pid, tl.sum(tl.where(mask, loss, 0.0), 0))
     if MODE != 0:
         if MODE == 1:
-            g = -p / den
+            if ACC == tl.float64:
+                g = -p / (tl.cast(den, ACC) + tl.cast(den_lo, ACC))
+            else:
+                g = -p / den
         else:
             g = -p * tl.load(GO + offs, mask=mask, other=0.0).to(ACC)
         if ROUND_BF16:
@@ -52,16 +61,57 @@ def _kl_kernel(X, T, OUT, G, GO, n, den, LOG_TARGET: tl.constexpr, MODE: tl.cons
         tl.store(G + offs, g.to(G.dtype.element_ty), mask=mask)
 
 
+def kl_config(dtype: torch.dtype, *, target_dtype: torch.dtype, mode: int, log_target: bool, n: int,
+              interpret: bool = False) -> LaunchConfig:
+    """The launch configuration of _kl_kernel: what _launch passes for inputs of `dtype`.
+
+    target_dtype: the input's dtype or the accumulation dtype (kl_div converts any other target to
+    the latter: the kernel converts it so anyway). OUT is the per-block partial sums (acc dtype) in
+    mode 1, else of `dtype`, as are G and GO (the input itself where unused; mode 2's grad_output
+    has the loss's dtype, autograd sees to it). n: the element count, i64 from 2^31 on. den and
+    den_lo are float32 (float arguments are). `interpret` turns on the bfloat16 rounding workaround.
+    """
+    if mode not in (0, 1, 2):
+        raise ValueError(f"mode {mode}")
+    acc_dtype = _acc_dtype(dtype)
+    if target_dtype not in (dtype, acc_dtype):
+        raise ValueError(f"target dtype {target_dtype} for {dtype} inputs (kl_div converts it to {acc_dtype})")
+    dt, acc = triton_type(dtype), triton_type(acc_dtype)
+    signature = {"X": f"*{dt}", "T": f"*{triton_type(target_dtype)}", "OUT": f"*{acc if mode == 1 else dt}",
+                 "G": f"*{dt}", "GO": f"*{dt}", "n": int_type(n), "den": "fp32", "den_lo": "fp32"}
+    constexprs = {"LOG_TARGET": log_target, "MODE": mode, "ROUND_BF16": interpret and dtype == torch.bfloat16,
+                  "ACC": TritonDtype("float64" if acc == "fp64" else "float32"), "BLOCK": BLOCK}
+    return LaunchConfig(signature, constexprs, num_warps=NUM_WARPS)
+
+
+def variants():
+    """Every compiled form of _kl_kernel: kl_config over its whole input domain (all dtypes, target
+    dtypes, modes, log_target, int32 and int64 element counts), without the interpreter rounding."""
+    def configs():
+        for dtype, mode, log_target, n in itertools.product(DTYPES, (0, 1, 2), (False, True), (2, 2**31)):
+            for target_dtype in (dtype, _acc_dtype(dtype)):
+                cfg = kl_config(dtype, target_dtype=target_dtype, mode=mode, log_target=log_target, n=n)
+                sig = cfg.signature
+                name = (f"{triton_type(dtype)} target={sig['T'][1:]} mode={mode}"
+                        f"{' log_target' if log_target else ''} n:{sig['n']} BLOCK={BLOCK} warps={cfg.num_warps}")
+                yield str(dtype)[6:], name, cfg
+
+    return list(unique_variants("kl", _kl_kernel, configs()))
+
+
+def _f32(v: float) -> float:
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
 def _launch(x, t, out, grad, grad_out, den, log_target, mode):
     n = t.numel()
     if n == 0:
         return
-    low = grad if mode else out
-    kernel = _jit(_kl_kernel)
-    kernel[(-(-n // BLOCK),)](
-        x, t, out, grad, grad_out, n, den, LOG_TARGET=log_target, MODE=mode,
-        ROUND_BF16=low.dtype == torch.bfloat16 and _interpreting(),
-        ACC=tl.float64 if _acc_dtype(x.dtype) == torch.float64 else tl.float32, BLOCK=BLOCK, num_warps=8)
+    cfg = kl_config(x.dtype, target_dtype=t.dtype, mode=mode, log_target=log_target, n=n,
+                    interpret=_interpreting())
+    den_hi = _f32(den)
+    launch(_kl_kernel, (-(-n // BLOCK),), cfg, dict(X=x, T=t, OUT=out, G=grad, GO=grad_out, n=n, den=den_hi,
+                                                     den_lo=_f32(den - den_hi)))
 
 
 def _denominator(x, reduction):
@@ -86,7 +136,7 @@ def _forward(x, t, reduction, log_target, grad):
 class _KLDiv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, t, reduction, log_target):
-        ctx.reduction, ctx.log_target = reduction, log_target
+        ctx.reduction, ctx.log_target, ctx.dtype = reduction, log_target, x.dtype
         if reduction == "none":
             ctx.save_for_backward(t)
             return _forward(x, t, reduction, log_target, None)
@@ -100,8 +150,10 @@ class _KLDiv(torch.autograd.Function):
         (saved,) = ctx.saved_tensors
         if ctx.reduction != "none":
             return saved * grad_output.to(saved.dtype), None, None, None
-        grad = torch.empty(saved.shape, dtype=grad_output.dtype, device=saved.device)
-        _launch(grad, saved, grad, grad, grad_output.contiguous(), 1.0, ctx.log_target, 2)
+        # grad_output has the loss's dtype (autograd casts it): the kernel's config relies on that
+        go = grad_output.to(ctx.dtype).contiguous()
+        grad = torch.empty(saved.shape, dtype=ctx.dtype, device=saved.device)
+        _launch(grad, saved, grad, grad, go, 1.0, ctx.log_target, 2)
         return grad, None, None, None
 
 
@@ -114,8 +166,12 @@ def kl_div(input, target, *, reduction="batchmean", log_target=False):
         raise NotImplementedError("input and target must have the same shape (no broadcasting)")
     if reduction not in ("none", "sum", "mean", "batchmean"):
         raise ValueError(f"unknown reduction {reduction!r}")
+    if input.dtype not in DTYPES:
+        raise NotImplementedError(f"dtype {input.dtype}")
     # Flat element-wise kernels need contiguous memory: non-contiguous inputs cost a copy here.
     x, t = input.contiguous(), target.contiguous()
+    if t.dtype != x.dtype:  # the kernel would convert it to the accumulation dtype: do it here (same values)
+        t = t.to(_acc_dtype(x.dtype))
     if input.requires_grad and torch.is_grad_enabled():
         return _KLDiv.apply(x, t.detach(), reduction, bool(log_target))
     return _forward(x, t, reduction, bool(log_target), None)

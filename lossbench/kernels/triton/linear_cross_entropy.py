@@ -161,7 +161,7 @@ def linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_index=-100
     if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
         raise NotImplementedError("hidden, weight and bias must share a dtype")
     chunk = int(chunk_size) if chunk_size else default_chunk_size(hidden.shape[0], weight.shape[0], hidden.device)
-    target = target.contiguous()
+    target = target.to(torch.int64).contiguous()  # the kernel reads int64 targets (torch also takes uint8)
     grad_on = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if grad_on:
         return _LinearCrossEntropy.apply(hidden, weight, bias, target, ignore_index, reduction,
