@@ -219,18 +219,22 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise UsageError(f"the Triton kernels need triton: {exc}") from None
     archs, kernels = _csv(args.arch) or list(aot.ARCHS), _csv(args.kernel)
-    err = _console(stderr=True)
+    try:
+        total = aot.validate(archs, kernels)
+    except ValueError as exc:  # an unknown kernel or arch
+        raise UsageError(str(exc)) from None
     with Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err) as progress:
-        task = progress.add_task("compiling", total=None)
+                  console=_console(stderr=True)) as progress:
+        task = progress.add_task("compiling", total=total)
 
         def advance(row, done, total):
-            progress.update(task, completed=done, total=total, description=f"{row.kernel} {row.arch} {row.variant}"[:40])
+            progress.update(task, completed=done, description=f"{row.kernel} {row.arch} {row.variant}"[:40])
 
         try:
             rows = aot.resource_table(archs, kernels, progress=advance)
-        except ValueError as exc:  # an unknown kernel or arch, before anything compiles
-            raise UsageError(str(exc)) from None
+        except RuntimeError as exc:  # a variant that does not compile, or no cuobjdump: a defect, not bad input
+            print(f"lossbench: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+            return EXIT_FAILED_ROWS
     df = aot.format_rows(rows)
     _console().print(kernel_table(df))
     spills = df[df["spill_bytes"] > 0]

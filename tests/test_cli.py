@@ -171,3 +171,28 @@ def test_registry_conflicts_and_reloads(tmp_path):
     (tmp_path / "rival.py").write_text(text)  # another module claiming the same names: refused
     with pytest.raises(UsageError, match="twice_ok is already registered by lossbench_plugin_twice"):
         load_plugin(str(tmp_path / "rival.py"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--arch", "ampere"], "arch 'ampere': expected sm_<capability>"),
+    (["--kernel", "softmax"], "unknown kernels ['softmax']"),
+])
+def test_kernels_bad_input_is_one_line_exit_2(capsys, args, message):
+    pytest.importorskip("triton")
+    assert main(["kernels", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_kernels_prints_the_table_and_writes_json(tmp_path, capsys, monkeypatch):
+    """The command's wiring (the compiles themselves are tests/test_triton_compile.py's)."""
+    pytest.importorskip("triton")
+    from lossbench.kernels.triton import aot
+
+    row = aot.ResourceRow("ce", "bf16 grad BLOCK=4096 warps=8", "bfloat16", "sm_90", 61, 16, 16, 0, 32, 1024, 9000, 0.5)
+    monkeypatch.setattr(aot, "resource_table", lambda archs, kernels, progress: [row])
+    assert main(["kernels", "--json", str(tmp_path / "k.json")]) == 0
+    out = capsys.readouterr().out
+    assert "bf16 grad BLOCK=4096 warps=8" in out and "1 spill: ce bf16 grad BLOCK=4096 warps=8 sm_90" in out
+    (saved,) = json.loads((tmp_path / "k.json").read_text())
+    assert saved["registers"] == 61 and saved["spill_bytes"] == 16

@@ -306,6 +306,13 @@ def _run(jobs, workers: int | None = None, progress: Callable | None = None) -> 
     return rows
 
 
+def validate(archs=ARCHS, kernels=None) -> int:
+    """Raises ValueError for an unknown arch or kernel; returns the number of compiles they ask for."""
+    for arch in archs:
+        _capability(arch)
+    return len(variants(kernels)) * len(archs)
+
+
 def resource_table(archs=ARCHS, kernels=None, progress: Callable | None = None,
                    workers: int | None = None) -> list[ResourceRow]:
     """Compiles every variant of `kernels` (default all) for each arch; one ResourceRow each.
