@@ -6,6 +6,9 @@ import torch
 # a GPU, every Triton kernel here (ours and Liger's) is tested under the interpreter; with one, compiled.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Every Triton launch the tests make is checked against its LaunchConfig (kernels/triton check_args);
+# measurements leave the check out of the timed region.
+os.environ.setdefault("LOSSBENCH_CHECK_LAUNCHES", "1")
 
 import pytest  # noqa: E402
 

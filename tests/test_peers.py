@@ -4,6 +4,9 @@ Each peer's tests skip when the peer is not installed. Without a GPU, liger's Tr
 under the Triton interpreter, which `triton.jit` picks when liger's modules are imported: so
 TRITON_INTERPRET=1 goes into the environment here, before anything imports liger_kernel (it is
 left alone where CUDA is available, where the kernels compile and the tests run on the GPU).
+With a CUDA device every case is made on it, the peers' compiled kernels run (cut_cross_entropy's
+impl="cce" rather than its CPU torch.compile path), and the module is marked `cuda`
+(`make gpu-check`); the tests of interpreter limitations and of the CPU guard skip there.
 Shapes are small: the interpreter runs every Triton program in Python.
 """
 import os
@@ -31,6 +34,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_CPU = DEVICE == "cpu"
 PEERS_DIR = Path(peers.__file__).parent
 
+if not ON_CPU:  # the peers' compiled kernels on the GPU: part of `pytest -m cuda`
+    pytestmark = pytest.mark.cuda
+
 
 # --- helpers --------------------------------------------------------------------------------------
 def _case(family, n, c, dtype="float32", dist="normal", h=None, **opts):
@@ -53,11 +59,15 @@ def _call(name, case):
 def liger():
     pytest.importorskip("liger_kernel")
     assert peers.liger.IMPORT_ERROR is None, f"liger_kernel is installed but failed: {peers.liger.IMPORT_ERROR}"
+    kernel = peers.liger._ce_ops.liger_cross_entropy_kernel
     if ON_CPU:
-        kernel = peers.liger._ce_ops.liger_cross_entropy_kernel
         assert peers.liger._interpreted(kernel) is not False, (
             "liger_kernel was imported before TRITON_INTERPRET=1 was set, so its kernels were built for a "
             "GPU: set TRITON_INTERPRET=1 earlier (e.g. in conftest.py) when there is no CUDA device")
+    else:  # the interpreter also takes CUDA tensors (through host copies): it would test nothing compiled
+        assert peers.liger._interpreted(kernel) is not True, (
+            "a CUDA device is present but liger_kernel's kernels were built for the Triton interpreter: "
+            "unset TRITON_INTERPRET")
     return peers.liger
 
 
@@ -248,6 +258,16 @@ def test_liger_ce_bfloat16_mean_cannot_run_under_the_interpreter(liger):
         _call("liger", _case("ce", 8, 50, "bfloat16"))
 
 
+@pytest.mark.cuda  # the counterpart of the test above: compiled, liger's bfloat16 backward is measured
+@pytest.mark.parametrize("dist", ["normal", "peaked"])
+@pytest.mark.parametrize("opts", [dict(), dict(reduction="sum", ignore_frac=0.25),
+                                  dict(label_smoothing=0.1, ignore_frac=0.25)],
+                         ids=["mean", "sum,ignore", "smoothing,ignore"])
+def test_liger_ce_bfloat16_matches_the_reference_on_cuda(liger, dist, opts):
+    r = _measure("liger", _case("ce", 16, 1000, "bfloat16", dist, **opts))
+    assert r.accuracy_ok, r
+
+
 @pytest.mark.skipif(not ON_CPU, reason="checks the CPU guard")
 def test_liger_needs_the_interpreter_on_cpu(liger, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -384,6 +404,6 @@ def test_liger_kl_rows_record_the_clamp():
     pytest.importorskip("liger_kernel")
     assert "eps=" in registry.get("kl", "liger").convention
     rows = []
-    UnitRunner(lambda d: {}, budget_s=0.01).run(Unit(Case.make("kl", 8, 16, "float32", "cpu"), "liger", ("fwd",)),
+    UnitRunner(lambda d: {}, budget_s=0.01).run(Unit(Case.make("kl", 8, 16, "float32", DEVICE), "liger", ("fwd",)),
                                                 rows.append)
     assert "eps=" in rows[0]["convention"]

@@ -143,6 +143,22 @@ def test_launchers_use_enumerated_configs(monkeypatch):
     assert not missing, missing[:3]
 
 
+def test_every_launch_in_the_tests_is_checked(monkeypatch):
+    """conftest turns LOSSBENCH_CHECK_LAUNCHES on, so each launch the kernel tests make goes through
+    check_args; a launch whose arguments differ from its config is refused before it runs."""
+    assert tk.CHECK_LAUNCHES
+    ran = []
+    monkeypatch.setattr(tk, "_jit", lambda fn: {None: lambda *a, **k: ran.append(a)})  # records, runs nothing
+    v = _variant(_kernel_calling_jit)
+    with pytest.raises(AssertionError, match="config declares"):
+        tk.launch(v.fn, None, v.config, {"Y": torch.zeros(128)})
+    with pytest.raises(AssertionError, match=r"X: \*fp64 \(declared \*fp32\)"):
+        tk.launch(v.fn, None, v.config, {"X": torch.zeros(128, dtype=torch.float64)})
+    assert not ran
+    tk.launch(v.fn, None, v.config, {"X": torch.zeros(128)})
+    assert len(ran) == 1
+
+
 # --- the check catches what the interpreter lets through --------------------------------------------
 tl = None  # triton.language, bound by lossbench's _jit as in the kernel modules
 

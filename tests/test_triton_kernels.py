@@ -1,5 +1,10 @@
-"""Triton kernels (lossbench.kernels.triton) against the float64 references, under the interpreter.
+"""Triton kernels (lossbench.kernels.triton) against the float64 references, on the device they run on.
 
+With a CUDA device the kernels compile and run on the GPU: inputs are made on the CPU (the same numbers
+as without one), moved to the GPU for the kernel, and the results come back to the CPU for the float64
+comparisons; the module is marked `cuda` (`make gpu-check`). Without one they run on CPU tensors under
+the Triton interpreter, and the module skips when the interpreter is off. Same checks, same
+tolerances, same shapes on both.
 Small shapes only: the interpreter runs every program in Python.
 """
 import importlib
@@ -7,10 +12,14 @@ import math
 import os
 import zlib
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is jit-wrapped (they are wrapped lazily)
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_CUDA = DEVICE == "cuda"
+if not ON_CUDA:  # before any kernel is jit-wrapped (they are wrapped lazily); left alone on a GPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
@@ -21,10 +30,32 @@ from lossbench.runners.accuracy import rel_l2, worst_row_err  # noqa: E402
 # The package exports functions under the modules' names: fetch the module itself by path.
 ce_mod = importlib.import_module("lossbench.kernels.triton.cross_entropy")
 
-if not tk.available("cpu"):
+if ON_CUDA:
+    pytestmark = pytest.mark.cuda
+elif not tk.available("cpu"):
     pytest.skip("TRITON_INTERPRET is not 1 in this process", allow_module_level=True)
 
 F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
+
+
+def _dev(t):
+    """A tensor made on the CPU, on the device the kernels run on (None stays None)."""
+    return None if t is None else t.to(DEVICE)
+
+
+def _dev_kw(kw):
+    return {k: _dev(v) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _compiled_on_cuda():
+    """With a CUDA device these tests are about the compiled kernels. A TRITON_INTERPRET=1 in the
+    environment (the interpreter also takes CUDA tensors, through host copies) or triton imported in
+    the other mode would test something else, silently: fail instead."""
+    if ON_CUDA:
+        assert tk.available("cuda") and not tk._interpreting(), (
+            "a CUDA device is present but triton is not in compiled mode: unset TRITON_INTERPRET "
+            f"(it is {os.environ.get('TRITON_INTERPRET')!r}) before anything imports triton")
 
 
 def _gen(seed):
@@ -68,10 +99,11 @@ def _floor(ref_grad, dtype):
 
 
 def _run_ce(x, y, go, **kw):
-    x = x.detach().clone().requires_grad_(True)
-    loss = tk.cross_entropy(x, y, **kw)
-    loss.backward(go)
-    return loss.detach().double(), x.grad.double()
+    """The kernel on DEVICE; loss and gradient back on the CPU, in float64."""
+    x = _dev(x).detach().clone().requires_grad_(True)
+    loss = tk.cross_entropy(x, _dev(y), **_dev_kw(kw))
+    loss.backward(_dev(go))
+    return loss.detach().cpu().double(), x.grad.cpu().double()
 
 
 # --- cross-entropy: the variant grid ---------------------------------------------------------------
@@ -160,6 +192,7 @@ def test_ce_inplace_grad_mutates_and_matches():
     g = _gen(3)
     x0 = torch.randn(6, 777, generator=g)
     y = _targets(6, 777, 0.3, g)
+    x0, y = _dev(x0), _dev(y)
     x = x0.clone().requires_grad_(True)
     tk.cross_entropy(x, y).backward()
     assert torch.equal(x.detach(), x0)  # default: the input is left alone
@@ -174,6 +207,7 @@ def test_ce_inplace_grad_per_row_grad_output_bf16():
     x0 = torch.randn(5, 300, generator=g).to(BF16)
     y = _targets(5, 300, 0.0, g)
     go = (torch.rand(5, generator=g) + 0.5).to(BF16)
+    x0, y, go = _dev(x0), _dev(y), _dev(go)
     grads = []
     for inplace in (False, True):
         x = x0.clone().requires_grad_(True)
@@ -187,11 +221,12 @@ def test_ce_non_contiguous_inputs():
     wide = torch.randn(6, 900, generator=g)
     y = _targets(6, 800, 0.0, g)
     ref_loss, ref_grad = _ref_ce(wide[:, :800].double(), y, None, "mean", 0.0, 0.0, torch.tensor(1.0))
+    wide = _dev(wide)
     for view in (wide[:, :800], wide.t().contiguous().t()[:, :800]):  # row stride only / column stride
         x = view.detach().requires_grad_(True)
-        loss = tk.cross_entropy(x, y)
+        loss = tk.cross_entropy(x, _dev(y))
         loss.backward()
-        assert rel_l2(loss.double(), ref_loss) < 1e-6 and rel_l2(x.grad.double(), ref_grad) < 1e-6
+        assert rel_l2(loss.cpu().double(), ref_loss) < 1e-6 and rel_l2(x.grad.cpu().double(), ref_grad) < 1e-6
 
 
 def test_ce_without_grad_and_huge_vocab_mask():
@@ -199,37 +234,44 @@ def test_ce_without_grad_and_huge_vocab_mask():
     x = torch.randn(2, 70001, generator=g)  # not a multiple of the block
     y = torch.tensor([70000, 5])
     with torch.no_grad():
-        loss = tk.cross_entropy(x, y, reduction="none")
+        loss = tk.cross_entropy(_dev(x), _dev(y), reduction="none")
     ref = reference.ce(x.double(), y, reduction="none")
-    assert rel_l2(loss.double(), ref) < 1e-6
+    assert rel_l2(loss.cpu().double(), ref) < 1e-6
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 def test_ce_gradcheck(reduction):
     g = _gen(7)
-    x = torch.randn(4, 7, generator=g, dtype=F64, requires_grad=True)
-    y = torch.tensor([1, -100, 6, 0])
-    w = torch.rand(7, generator=g, dtype=F64) + 0.5
+    x = _dev(torch.randn(4, 7, generator=g, dtype=F64)).requires_grad_(True)
+    y = _dev(torch.tensor([1, -100, 6, 0]))
+    w = _dev(torch.rand(7, generator=g, dtype=F64) + 0.5)
     fn = lambda t: tk.cross_entropy(t, y, weight=w, reduction=reduction, label_smoothing=0.1,  # noqa: E731
                                     lse_square_scale=0.01)
     assert torch.autograd.gradcheck(fn, (x,))
 
 
 def test_ce_unsupported(monkeypatch):
-    x = torch.randn(4, 5, requires_grad=True)
+    x = _dev(torch.randn(4, 5)).requires_grad_(True)
     with pytest.raises(NotImplementedError):
-        tk.cross_entropy(x, torch.rand(4, 5))  # class probabilities
+        tk.cross_entropy(x, _dev(torch.rand(4, 5)))  # class probabilities
     with pytest.raises(NotImplementedError):
-        tk.cross_entropy(torch.randn(2, 5, 3), torch.zeros(2, 3, dtype=torch.long))
-    monkeypatch.delenv("TRITON_INTERPRET")
+        tk.cross_entropy(_dev(torch.randn(2, 5, 3)), _dev(torch.zeros(2, 3, dtype=torch.long)))
+    # CPU tensors without the interpreter are refused, not crashed: on a GPU host the interpreter is
+    # off already (compiled mode); without one it is turned off here for the calls.
+    if not ON_CUDA:
+        monkeypatch.delenv("TRITON_INTERPRET")
+    x = x.detach().cpu().requires_grad_(True)
     assert not tk.available("cpu")
     for call in (lambda: tk.cross_entropy(x, torch.zeros(4, dtype=torch.long)),
                  lambda: tk.kl_div(x, torch.rand(4, 5)),
                  lambda: tk.linear_cross_entropy(x, torch.randn(3, 5), torch.zeros(4, dtype=torch.long))):
         with pytest.raises(NotImplementedError):
             call()
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert tk.available("cpu")
+    if not ON_CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert tk.available("cpu")
+    else:
+        assert tk.available("cuda")
 
 
 # --- KL divergence --------------------------------------------------------------------------------
@@ -248,22 +290,23 @@ def test_kl_matches_reference(dtype, reduction, log_target):
     t = t.to(dtype)
     go = ((torch.rand(shape, generator=g, dtype=F64) + 0.5).to(dtype) if reduction == "none"
           else torch.tensor(1.0, dtype=dtype))
-    xr = x.clone().requires_grad_(True)
-    loss = tk.kl_div(xr, t, reduction=reduction, log_target=log_target)
-    loss.backward(go)
+    xr = _dev(x).clone().requires_grad_(True)
+    loss = tk.kl_div(xr, _dev(t), reduction=reduction, log_target=log_target)
+    loss.backward(_dev(go))
+    loss, grad = loss.detach().cpu().double(), xr.grad.cpu().double()
     x64 = x.double().requires_grad_(True)
     ref = reference.kl(x64, t.double(), reduction=reduction, log_target=log_target)
     (ref_grad,) = torch.autograd.grad(ref, x64, go.double())
     tol = 1e-6 if dtype == F32 else 2 ** -8
-    assert rel_l2(loss.double(), ref.detach()) < tol
-    assert worst_row_err(xr.grad.double(), ref_grad) <= (1e-6 if dtype == F32 else 1.01 * _floor(ref_grad, dtype))
+    assert rel_l2(loss, ref.detach()) < tol
+    assert worst_row_err(grad, ref_grad) <= (1e-6 if dtype == F32 else 1.01 * _floor(ref_grad, dtype))
 
 
 @pytest.mark.parametrize("reduction", ["none", "batchmean"])
 def test_kl_gradcheck_and_target_gets_no_grad(reduction):
     g = _gen(12)
-    x = torch.randn(3, 6, generator=g, dtype=F64, requires_grad=True)
-    t = torch.rand(3, 6, generator=g, dtype=F64, requires_grad=True)
+    x = _dev(torch.randn(3, 6, generator=g, dtype=F64)).requires_grad_(True)
+    t = _dev(torch.rand(3, 6, generator=g, dtype=F64)).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a: tk.kl_div(a, t.detach(), reduction=reduction), (x,))
     tk.kl_div(x, t, reduction="sum").backward()
     assert t.grad is None
@@ -273,8 +316,10 @@ def test_kl_non_contiguous():
     g = _gen(13)
     x = torch.randn(7, 4, generator=g).t()
     t = torch.rand(7, 4, generator=g).t()
-    loss = tk.kl_div(x, t, reduction="sum")
-    assert rel_l2(loss.double(), reference.kl(x.double(), t.double(), reduction="sum")) < 1e-6
+    xd, td = _dev(x.t()).t(), _dev(t.t()).t()  # the same transposed views on the device
+    assert xd.stride() == x.stride() and td.stride() == t.stride()
+    loss = tk.kl_div(xd, td, reduction="sum")
+    assert rel_l2(loss.cpu().double(), reference.kl(x.double(), t.double(), reduction="sum")) < 1e-6
 
 
 # --- linear + cross-entropy -----------------------------------------------------------------------
@@ -288,10 +333,11 @@ def _ref_linear_ce(h, w, b, y, reduction, eps, go):
 
 
 def _run_linear_ce(h, w, b, y, go, **kw):
-    leaves = [t.clone().requires_grad_(True) for t in (h, w) + ((b,) if b is not None else ())]
-    loss = tk.linear_cross_entropy(leaves[0], leaves[1], y, bias=leaves[2] if b is not None else None, **kw)
-    loss.backward(go)
-    return loss.detach().double(), [t.grad.double() for t in leaves]
+    """The kernels on DEVICE; loss and gradients back on the CPU, in float64."""
+    leaves = [_dev(t).clone().requires_grad_(True) for t in (h, w) + ((b,) if b is not None else ())]
+    loss = tk.linear_cross_entropy(leaves[0], leaves[1], _dev(y), bias=leaves[2] if b is not None else None, **kw)
+    loss.backward(_dev(go))
+    return loss.detach().cpu().double(), [t.grad.cpu().double() for t in leaves]
 
 
 def _linear_grid():
@@ -354,8 +400,9 @@ def test_linear_ce_peaked_rows_within_floor(dtype):
     loss_floor = _row_rel(ref_loss.to(dtype).double(), ref_loss)
     if dtype == F32:
         # In float32 the logits of an float32 matmul are the limit: their absolute error moves
-        # log p by as much. The floor is then the exact maths on the matmul's own logits.
-        logits = (h @ w.T).double().requires_grad_(True)
+        # log p by as much. The floor is then the exact maths on the matmul's own logits (the
+        # device's matmul: the kernels' logits come from it).
+        logits = (_dev(h) @ _dev(w).T).cpu().double().requires_grad_(True)
         rows = reference.ce(logits, y, reduction="none")
         (g_logits,) = torch.autograd.grad(rows, logits, go.double())
         gemm = [g_logits @ w.double(), g_logits.T @ h.double()]
@@ -373,10 +420,10 @@ def test_linear_ce_peaked_rows_within_floor(dtype):
 
 def test_linear_ce_gradcheck():
     g = _gen(23)
-    h = torch.randn(5, 3, generator=g, dtype=F64, requires_grad=True)
-    w = torch.randn(6, 3, generator=g, dtype=F64, requires_grad=True)
-    b = torch.randn(6, generator=g, dtype=F64, requires_grad=True)
-    y = torch.tensor([0, 5, -100, 2, 3])
+    h = _dev(torch.randn(5, 3, generator=g, dtype=F64)).requires_grad_(True)
+    w = _dev(torch.randn(6, 3, generator=g, dtype=F64)).requires_grad_(True)
+    b = _dev(torch.randn(6, generator=g, dtype=F64)).requires_grad_(True)
+    y = _dev(torch.tensor([0, 5, -100, 2, 3]))
     for reduction in ("mean", "none"):
         fn = lambda a, c, d: tk.linear_cross_entropy(a, c, y, bias=d, reduction=reduction,  # noqa: E731
                                                      label_smoothing=0.1, chunk_size=2)
@@ -386,12 +433,13 @@ def test_linear_ce_gradcheck():
 def test_linear_ce_default_chunk_and_partial_grads():
     g = _gen(24)
     h = torch.randn(9, 8, generator=g)
-    w = torch.randn(50, 8, generator=g, requires_grad=True)  # hidden needs no gradient
+    w = torch.randn(50, 8, generator=g)
     y = _targets(9, 50, 0.0, g)
-    loss = tk.linear_cross_entropy(h, w, y)
+    wd = _dev(w).requires_grad_(True)  # hidden needs no gradient
+    loss = tk.linear_cross_entropy(_dev(h), wd, _dev(y))
     loss.backward()
-    ref_loss, (_, ref_gw) = _ref_linear_ce(h, w.detach(), None, y, "mean", 0.0, torch.tensor(1.0))
-    assert rel_l2(loss.double(), ref_loss) < 1e-6 and rel_l2(w.grad.double(), ref_gw) < 1e-5
+    ref_loss, (_, ref_gw) = _ref_linear_ce(h, w, None, y, "mean", 0.0, torch.tensor(1.0))
+    assert rel_l2(loss.cpu().double(), ref_loss) < 1e-6 and rel_l2(wd.grad.cpu().double(), ref_gw) < 1e-5
     from lossbench.kernels.triton.linear_cross_entropy import default_chunk_size
     assert default_chunk_size(10**6, 128256, torch.device("cuda")) * 128256 * 4 <= 256 << 20
 
@@ -402,12 +450,18 @@ def test_report_peaked_ratios():
         print(f"peaked {key[0]} {str(key[1])[6:]} {key[2]}: grad {g_ratio:.2f}x floor, loss {l_ratio:.2f}x floor")
 
 
-def test_triton_imported_in_compiled_mode_is_refused_not_crashed():
-    """triton.language fixes interpret/compile for its own library when first imported: setting
-    TRITON_INTERPRET afterwards must give NotImplementedError (an `unsupported` row), not a crash."""
+def _run_python(code, env):
     import subprocess
     import sys
 
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(ON_CUDA, reason="about CPU tensors under the interpreter; on a GPU host "
+                                    "test_triton_imported_in_interpreter_mode_is_refused_on_cuda is its counterpart")
+def test_triton_imported_in_compiled_mode_is_refused_not_crashed():
+    """triton.language fixes interpret/compile for its own library when first imported: setting
+    TRITON_INTERPRET afterwards must give NotImplementedError (an `unsupported` row), not a crash."""
     code = ("import os, torch, triton\n"
             "from lossbench.kernels import triton as tk\n"
             "os.environ['TRITON_INTERPRET'] = '1'\n"
@@ -417,5 +471,25 @@ def test_triton_imported_in_compiled_mode_is_refused_not_crashed():
             "except NotImplementedError:\n"
             "    print('refused')\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = _run_python(code, env)
+    assert out.stdout.strip() == "refused", out.stderr[-2000:]
+
+
+@pytest.mark.cuda
+def test_triton_imported_in_interpreter_mode_is_refused_on_cuda():
+    """The other way round, on a GPU host: triton imported under TRITON_INTERPRET=1, which is unset
+    afterwards, cannot compile; CUDA tensors must give NotImplementedError, not a crash or an
+    interpreted run."""
+    code = ("import os\n"
+            "os.environ['TRITON_INTERPRET'] = '1'\n"
+            "import torch, triton\n"
+            "from lossbench.kernels import triton as tk\n"
+            "del os.environ['TRITON_INTERPRET']\n"
+            "assert not tk.available('cuda')\n"
+            "try:\n"
+            "    tk.cross_entropy(torch.randn(2, 3, device='cuda'), torch.tensor([0, 1], device='cuda'))\n"
+            "except NotImplementedError:\n"
+            "    print('refused')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = _run_python(code, env)
     assert out.stdout.strip() == "refused", out.stderr[-2000:]
