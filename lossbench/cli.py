@@ -1,24 +1,23 @@
-"""`lossbench run | list | report`. Bad input ends in one line on stderr and exit status 2."""
+"""`lossbench run | list | report | compare | nightly | kernels`: arguments in, one function per command.
+
+Bad input ends in one line on stderr and exit status 2."""
 from __future__ import annotations
 
 import argparse
 import math
 import sys
-import time
 import warnings
-from collections import Counter
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import bandwidth, devices, quiet_exit, records, registry, store, suites, sweep
+from . import quiet_exit, registry, run, store, suites
 from .errors import UsageError
+from .report import compare, nightly
 from .report.kernels import kernel_table
 from .report.table import family_tables
-from .runners.isolation import IsolatedRunner
 
 EXIT_USAGE, EXIT_FAILED_ROWS, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -28,64 +27,17 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _csv(text: str | None) -> list[str] | None:
-    return [t.strip() for t in text.split(",") if t.strip()] if text else None
-
-
 def _console(stderr: bool = False) -> Console:
     stream = sys.stderr if stderr else sys.stdout
     # Tables are wide: outside a terminal (CI logs, files) rich would squeeze them to 80 columns.
     return Console(file=stream, width=None if stream.isatty() else 220)
 
 
-def _select_impls(names: list[str] | None, families: set[str]):
-    chosen = {f: registry.implementations(f) for f in families}
-    if names:
-        known = {i.name for impls in chosen.values() for i in impls}
-        for name in names:
-            if name not in known:
-                raise UsageError(f"unknown implementation {name!r} for families {', '.join(sorted(families))} "
-                                 f"(known: {', '.join(sorted(known))})")
-        chosen = {f: [i for i in impls if i.name in names] for f, impls in chosen.items()}
-    return chosen
-
-
 _PLAN_FLAGS = ("suite", "family", "impl", "device", "dtype", "mode", "input_dist", "shape", "threads", "budget")
 
 
 def _spec_from_args(args: argparse.Namespace) -> dict:
-    """Everything that defines a run's plan, resolved (absolute paths, concrete devices), so that
-    --resume rebuilds exactly the same plan from the run's meta file."""
-    def absolute(path_or_name: str | None) -> str | None:
-        if path_or_name and path_or_name.endswith((".py", ".toml")) and Path(path_or_name).is_file():
-            return str(Path(path_or_name).resolve())
-        return path_or_name
-
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be at least 1, not {args.threads}")
-    if args.budget is not None and not args.budget > 0:
-        raise UsageError(f"--budget must be positive seconds, not {args.budget}")
-    return {
-        "suite": absolute(args.suite),
-        **{flag: getattr(args, flag) for flag in ("family", "impl", "dtype", "mode", "input_dist", "shape")},
-        "devices": devices.resolve(args.device),
-        "plugins": [absolute(p) for p in args.plugin],
-        "threads": args.threads or torch.get_num_threads(),
-        "budget": args.budget,
-    }
-
-
-def _plan(spec: dict):
-    for plugin in spec["plugins"]:
-        registry.load_plugin(plugin)
-    devs = devices.resolve(",".join(spec["devices"]))  # still there? (a resumed run may be elsewhere)
-    name, suite = suites.load_suite(spec["suite"]) if spec["suite"] else ("default", None)
-    plan = suites.build_plan(suite, devices=devs, name=name, families=_csv(spec["family"]),
-                             dtypes=_csv(spec["dtype"]), modes=_csv(spec["mode"]), shapes=_csv(spec["shape"]),
-                             input_dists=_csv(spec["input_dist"]))
-    if spec["budget"] is not None:
-        plan.budget_s = spec["budget"]
-    return plan, _select_impls(_csv(spec["impl"]) or plan.impls, {case.family for case, _ in plan.items})
+    return run.make_spec(**{flag: getattr(args, flag) for flag in _PLAN_FLAGS}, plugins=args.plugin)
 
 
 def _check_same_plan(args: argparse.Namespace, spec: dict) -> None:
@@ -110,84 +62,32 @@ def _show(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _check_timeout(args: argparse.Namespace) -> None:
     if not (args.timeout > 0 and math.isfinite(args.timeout)):
         raise UsageError(f"--timeout must be a positive number of seconds, not {args.timeout}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _check_timeout(args)
     if args.force and not args.resume:
         raise UsageError("--force goes with --resume")
     if args.resume:
-        meta = store.read_meta(args.out, args.resume)
-        spec = meta["spec"]
+        spec = store.read_meta(args.out, args.resume)["spec"]
         _check_same_plan(args, spec)
     else:
         spec = _spec_from_args(args)
-    plan, impls = _plan(spec)
-    torch.set_num_threads(spec["threads"])  # explicit and recorded: CPU timings mean nothing without it
-
-    run_id = args.resume or records.new_run_id()
-    if args.resume and not args.force:
-        # Rows measured by other code, torch or hardware must not join the run's file unasked.
-        for device in spec["devices"]:
-            diff = records.provenance_difference(meta.get("provenance", {}).get(device, {}),
-                                                 records.provenance(run_id, device, spec["threads"]))
-            if diff:
-                raise UsageError(f"run {run_id} cannot be resumed here: {diff}; resuming would mix two "
-                                 "versions in one file (--force resumes anyway, each new row with its own provenance)")
-    # Everything is validated: only now is a run file created or reopened.
-    provs = {d: records.provenance(run_id, d, spec["threads"], bandwidth.copy_gbps(d)) for d in spec["devices"]}
-    if args.resume:
-        done = store.done_keys(Path(args.out) / f"{run_id}.jsonl")
-        writer = store.RunWriter(args.out, run_id)
-        writer.meta.setdefault("resumes", []).append({"timestamp": records.now(), "forced": args.force,
-                                                      "provenance": provs})
-    else:
-        done = set()
-        writer = store.RunWriter(args.out, run_id, {"suite": plan.name, "spec": spec, "provenance": provs})
-    todo = list(sweep.units(plan, lambda fam: impls[fam], done))
-    total = sum(len(unit.modes) for unit in todo)
-    err = _console(stderr=True)
-    err.print(f"lossbench run {run_id}: suite {plan.name}, {len(plan.items)} cases, {total} rows to measure"
-              + (f" ({len(done)} already done)" if args.resume else "")
-              + f", devices {', '.join(spec['devices'])}, {spec['threads']} CPU threads -> {writer.path}")
-    if args.in_process:
-        runner = sweep.UnitRunner(provs.__getitem__, plan.budget_s)
-    else:
-        init = {"plugins": spec["plugins"], "threads": spec["threads"], "budget_s": plan.budget_s, "provenance": provs}
-        runner = IsolatedRunner(init, args.timeout, provs.__getitem__)
-    start = time.perf_counter()
-    state = "failed"  # a bug in the harness itself: its traceback is shown, the rows so far are kept
-    try:
-        with Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=err, transient=False) as progress:
-            task = progress.add_task("starting", total=total)
-
-            def emit(row: dict) -> None:
-                writer.write(row)
-                progress.update(task, advance=1, description=f"{row['family']} {row['impl']} {row['mode']}")
-
-            for unit in todo:
-                progress.update(task, description=f"{unit.case.family} {unit.impl} {unit.case.label()[:24]}")
-                runner.run(unit, emit)
-        state = "complete"
-    except KeyboardInterrupt:
-        state = "interrupted"
-        err.print(f"interrupted: {writer.meta['rows']} rows kept in {writer.path}; "
-                  f"finish with: lossbench run --resume {run_id} --out {args.out}")
+    outcome = run.execute(spec, args.out, resume=args.resume, force=args.force, timeout_s=args.timeout,
+                          in_process=args.in_process, err=_console(stderr=True))
+    if outcome.state == "interrupted":
         return EXIT_INTERRUPTED
-    finally:
-        if isinstance(runner, IsolatedRunner):
-            runner.close()
-        writer.close(state)
-    elapsed = time.perf_counter() - start
-
-    df = store.load_results(writer.path)
+    df = outcome.rows()
     out = _console()
     for table in family_tables(df):
         out.print(table)
-    counts = Counter(df["status"])
-    out.print(f"{len(df)} rows ({total} measured in {elapsed:.1f} s; "
-              f"{', '.join(f'{n} {s}' for s, n in counts.items())}); results: {writer.path}")
-    return EXIT_FAILED_ROWS if set(counts) - {"ok", "unsupported"} else 0
+    counts = run.status_counts(df)
+    out.print(f"{len(df)} rows ({outcome.measured} measured in {outcome.elapsed_s:.1f} s; "
+              f"{', '.join(f'{n} {s}' for s, n in counts.items())}); results: {outcome.path}")
+    return EXIT_FAILED_ROWS if set(counts) & set(run.FAILED) else 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -218,7 +118,7 @@ def cmd_kernels(args: argparse.Namespace) -> int:
         from .kernels.triton import aot
     except ImportError as exc:
         raise UsageError(f"the Triton kernels need triton: {exc}") from None
-    archs, kernels = _csv(args.arch) or list(aot.ARCHS), _csv(args.kernel)
+    archs, kernels = run.csv(args.arch) or list(aot.ARCHS), run.csv(args.kernel)
     try:
         total = aot.validate(archs, kernels)
     except ValueError as exc:  # an unknown kernel or arch
@@ -246,32 +146,55 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    threshold = compare.threshold_from_pct(args.threshold)
+    base, head = compare.load_run(args.base, args.results), compare.load_run(args.head, args.results)
+    cmp = compare.compare(base, head, threshold, force=args.force)
+    compare.write(cmp, _console(), args.markdown, args.json)
+    return cmp.exit_code()
+
+
+def _add_selection(p: argparse.ArgumentParser, suite_default: str | None = None) -> None:
+    """The plan flags `run` and `nightly` share."""
+    p.add_argument("--suite", default=suite_default,
+                   help=f"built-in suite ({', '.join(suites.suite_names())}) or a .toml file"
+                        + (f" (default: {suite_default})" if suite_default else
+                           "; without it, each family's torch-default case"))
+    p.add_argument("--family", help="comma-separated: nll,ce,kl,linear_ce")
+    p.add_argument("--impl", help="comma-separated implementation names (see `lossbench list`)")
+    p.add_argument("--device", help="cpu | cuda | cuda:N | all (default: the best available)")
+    p.add_argument("--dtype", help="comma-separated: float32,bfloat16,float16,float64")
+    p.add_argument("--mode", help="comma-separated: fwd,fwd_bwd,bwd")
+    p.add_argument("--input-dist", help="comma-separated: normal,peaked (default without a suite: normal)")
+    p.add_argument("--shape", help="NxC[,NxC...]: replaces the suite's shapes")
+    p.add_argument("--plugin", action="append", default=[], help="module or .py file registering implementations (repeatable)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per physical core)")
+    p.add_argument("--budget", type=float, help="seconds of sampling per timed row (default: the suite's)")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds one implementation may take on one case, all modes (default 600)")
+
+
+def cmd_nightly(args: argparse.Namespace) -> int:
+    _check_timeout(args)
+    threshold = compare.threshold_from_pct(args.threshold)
+    return nightly.nightly(_spec_from_args(args), args.results, threshold=threshold, timeout_s=args.timeout,
+                           markdown_path=args.markdown, json_path=args.json, console=_console(),
+                           err=_console(stderr=True))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lossbench", description="Time, memory and gradient accuracy of PyTorch loss implementations.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    run = sub.add_parser("run", help="measure a suite and write results")
-    run.add_argument("--suite", help=f"built-in suite ({', '.join(suites.suite_names())}) or a .toml file; "
-                                     "without it, each family's torch-default case")
-    run.add_argument("--family", help="comma-separated: nll,ce,kl")
-    run.add_argument("--impl", help="comma-separated implementation names (see `lossbench list`)")
-    run.add_argument("--device", help="cpu | cuda | cuda:N | all (default: the best available)")
-    run.add_argument("--dtype", help="comma-separated: float32,bfloat16,float16,float64")
-    run.add_argument("--mode", help="comma-separated: fwd,fwd_bwd,bwd")
-    run.add_argument("--input-dist", help="comma-separated: normal,peaked (default without a suite: normal)")
-    run.add_argument("--shape", help="NxC[,NxC...]: replaces the suite's shapes")
-    run.add_argument("--out", default="results", help="results folder (default: results/)")
-    run.add_argument("--plugin", action="append", default=[], help="module or .py file registering implementations (repeatable)")
-    run.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per physical core)")
-    run.add_argument("--budget", type=float, help="seconds of sampling per timed row (default: the suite's)")
-    run.add_argument("--timeout", type=float, default=600.0,
-                     help="seconds one implementation may take on one case, all modes (default 600)")
-    run.add_argument("--resume", metavar="RUN_ID", help="measure only what run RUN_ID in --out is missing")
-    run.add_argument("--force", action="store_true",
+    run_p = sub.add_parser("run", help="measure a suite and write results")
+    _add_selection(run_p)
+    run_p.add_argument("--out", default="results", help="results folder (default: results/)")
+    run_p.add_argument("--resume", metavar="RUN_ID", help="measure only what run RUN_ID in --out is missing")
+    run_p.add_argument("--force", action="store_true",
                      help="with --resume: resume even though the code, library versions, device or threads changed")
-    run.add_argument("--in-process", action="store_true",
+    run_p.add_argument("--in-process", action="store_true",
                      help="no worker process (for debugging): no timeout, and a crash ends the run")
-    run.set_defaults(func=cmd_run)
+    run_p.set_defaults(func=cmd_run)
 
     lst = sub.add_parser("list", help="print the registry with capabilities")
     lst.add_argument("--plugin", action="append", default=[])
@@ -280,6 +203,29 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="print the comparison tables of a results file or folder")
     rep.add_argument("path")
     rep.set_defaults(func=cmd_report)
+
+    cmp = sub.add_parser("compare", help="regression verdicts between two runs: exit 0 none regressed, 1 some did, "
+                                         "2 bad input or incompatible runs")
+    cmp.add_argument("base", metavar="BASE", help="run id under --results, or a run file")
+    cmp.add_argument("head", metavar="HEAD", help="run id under --results, or a run file")
+    cmp.add_argument("--results", default="results", help="results folder (default: results/)")
+    cmp.add_argument("--threshold", type=float, default=5.0, metavar="PCT",
+                     help="smallest change that counts, in percent (default 5)")
+    cmp.add_argument("--force", action="store_true",
+                     help="compare runs whose device, library versions or threads differ")
+    cmp.add_argument("--markdown", metavar="FILE", help="also write the comparison as Markdown (a PR comment, a job summary)")
+    cmp.add_argument("--json", metavar="FILE", help="also write the comparison as JSON")
+    cmp.set_defaults(func=cmd_compare)
+
+    nig = sub.add_parser("nightly", help="run the nightly suite, compare with the pinned baseline, move it after a "
+                                         "clean night: exit 0 clean, 1 regression, 3 failed rows, 4 no baseline yet")
+    _add_selection(nig, suite_default="nightly")
+    nig.add_argument("--results", default="results", help="results folder holding the runs and baseline.json")
+    nig.add_argument("--threshold", type=float, default=5.0, metavar="PCT",
+                     help="smallest change that counts, in percent (default 5)")
+    nig.add_argument("--markdown", metavar="FILE", help="also write the comparison as Markdown (the job summary)")
+    nig.add_argument("--json", metavar="FILE", help="also write the comparison as JSON")
+    nig.set_defaults(func=cmd_nightly)
 
     ker = sub.add_parser("kernels", help="compile every Triton kernel variant for real GPUs (no GPU needed) and "
                                          "print registers, spills and shared memory")

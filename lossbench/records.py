@@ -19,7 +19,7 @@ CASE = ["family", "impl", "n", "c", "h", "dtype", "mode", "options", "input_dist
 TIME = ["time_median_ms", "time_p20_ms", "time_p80_ms", "time_ci_low_ms", "time_ci_high_ms", "samples",
         "converged", "compile_ms", "raw_ms"]
 BANDWIDTH = ["gbps", "pct_peak_bw"]
-MEMORY = ["peak_mem_bytes", "extra_mem_bytes", "min_mem_bytes", "reserved_mem_bytes"]
+MEMORY = ["peak_mem_bytes", "extra_mem_bytes", "min_mem_bytes", "reserved_mem_bytes", "extra_mem_max_bytes"]
 ACCURACY = ["loss_rel_err", "grad_rel_err", "grad_row_err_max", "grad_max_abs_err", "err_vs_floor",
             "err_ratio_vs_torch", "accuracy_ok", "accuracy_note", "mutates_inputs", "grad_in_forward", "convention"]
 OUTCOME = ["status", "error"]

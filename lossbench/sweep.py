@@ -212,4 +212,4 @@ class UnitRunner:
         except NotImplementedError:  # no exact probe on this platform: leave it unmeasured
             return {"min_mem_bytes": floor}
         return {"peak_mem_bytes": mem.peak_mem_bytes, "extra_mem_bytes": mem.extra_mem_bytes,
-                "reserved_mem_bytes": mem.reserved_mem_bytes, "min_mem_bytes": floor}
+                "extra_mem_max_bytes": mem.extra_mem_max_bytes, "reserved_mem_bytes": mem.reserved_mem_bytes, "min_mem_bytes": floor}

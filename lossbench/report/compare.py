@@ -1,0 +1,415 @@
+"""`lossbench compare BASE HEAD`: per row and metric, regressed / improved / unchanged / inconclusive.
+
+Rows are matched on records.KEY (device, family, impl, mode, shape, dtype, options, input_dist).
+
+time: the ratio of medians head/base, with a bootstrap CI and a Mann-Whitney test on the raw samples
+  (scipy.stats). Within-run samples alone cry wolf between runs: on the shared 2-core machine this
+  was built on, runs of the same code differ by more than their samples explain, and in bursts that
+  slow every row measured in the same seconds (the committed nightly runs show ratios up to 2x). So:
+  - a row's change is taken relative to the rows measured next to it (`drift`: the median log-ratio
+    of the rows just before or after it in the plan's order, which both runs follow). One
+    implementation made slower stands out against its neighbours, the other implementations of the
+    same cases; a burst that slowed every neighbour does not. A change shared by every row of the run
+    (the machine, or code every row runs) is reported once, as the run-wide drift, not per row;
+  - what remains between runs is estimated from the comparison itself (a robust spread of the
+    drift-corrected log-ratios, less the within-run part) and added to each row's within-run
+    variance: a row is significant only when its change stands out from both;
+  - p = max(Mann-Whitney p, between-run p): the samples must differ and the change must exceed the
+    between-run noise; then false-discovery control over every time row of the comparison
+    (scipy.stats.false_discovery_control), so a 400-row comparison of unchanged code stays quiet;
+  - regressed / improved: significant, and beyond the threshold; unchanged: the whole interval
+    (within-run and between-run noise) inside the threshold; inconclusive: neither.
+  Lower is better for time and memory and errors; higher for bandwidth (which follows time here).
+memory: extra bytes growing by more than the threshold and more than one allocator block, beyond the
+  base's range over its repeated calls: regressed.
+accuracy: accuracy_ok turning false, or the worst-row error growing more than 2x: regressed.
+status: ok turning into error/oom/timeout/crash (or unsupported): regressed; rows in one run only are
+  `added` or `missing`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+from scipy import stats
+
+from .. import store
+from ..errors import UsageError
+from ..records import COMPARABLE, KEY
+from ..run import FAILED
+
+VERDICTS = ("regressed", "missing", "inconclusive", "improved", "added", "unchanged")  # by severity
+ALPHA = 0.05                  # false-discovery rate over a comparison's time rows
+ACCURACY_GROWTH = 2.0         # a worst-row error more than 2x its base is a regression
+# The smallest memory change that counts. CUDA: the caching allocator's block. CPU: glibc grows and
+# trims its heap in 128 KiB steps (M_TOP_PAD, the mmap threshold) and where a process's heap stands
+# is not the call's doing: two nights of the same code differed by 290 KiB on every implementation
+# of a 256x300 case (the smallest of five calls each); 1 MiB leaves that out.
+ALLOC_BLOCK = {"cuda": 512, "cpu": 2**20}
+DRIFT_WINDOW = 6              # rows on each side that define a row's local drift
+MIN_ROWS_FOR_NOISE = 8        # fewer time rows than this cannot estimate the between-run noise ...
+DEFAULT_NOISE = 0.05          # ... which is then taken as 5% (log scale), about its median on this machine
+BOOTSTRAP_RESAMPLES = 2000
+VERSIONS = tuple(f for f in COMPARABLE if f != "git_sha")  # what must match; the code may differ
+
+
+@dataclass
+class Run:
+    name: str                # as given on the command line
+    run_id: str
+    rows: pd.DataFrame       # in measurement order
+
+
+@dataclass
+class Comparison:
+    base: Run
+    head: Run
+    threshold: float
+    verdicts: pd.DataFrame                      # one row per (row key, metric)
+    noise: dict = field(default_factory=dict)   # per device: between-run noise and run-wide drift
+
+    def counts(self) -> dict[str, int]:
+        c = self.verdicts["verdict"].value_counts()
+        return {v: int(c.get(v, 0)) for v in VERDICTS if c.get(v, 0)}
+
+    def regressed(self) -> bool:
+        return bool((self.verdicts["verdict"] == "regressed").any())
+
+    def exit_code(self) -> int:
+        return 1 if self.regressed() else 0
+
+
+# --- loading -----------------------------------------------------------------------------------------
+def load_run(ref: str, results_dir: str | Path) -> Run:
+    """A run id under results_dir, or a run file."""
+    p = Path(ref)
+    if not p.is_file():
+        p = Path(results_dir) / f"{ref}.jsonl"
+        if not p.is_file():
+            raise UsageError(f"no run {ref!r}: neither a run file nor a run id in {str(results_dir)!r}")
+    df = store.load_results(p)
+    if df.empty:
+        raise UsageError(f"{p} holds no result rows")
+    ids = df["run_id"].dropna().unique()
+    return Run(ref, str(ids[0]) if len(ids) else p.stem, df.reset_index(drop=True))
+
+
+def incompatibility(base: Run, head: Run) -> str | None:
+    """The first version or hardware field that differs on a device both runs measured."""
+    for device in sorted(set(base.rows["device"]) & set(head.rows["device"])):
+        b = base.rows[base.rows["device"] == device].iloc[0]
+        h = head.rows[head.rows["device"] == device].iloc[0]
+        for f in VERSIONS:
+            if _norm(b.get(f)) != _norm(h.get(f)):
+                return f"{device}: {f} is {_norm(b.get(f))} in {base.name}, {_norm(h.get(f))} in {head.name}"
+    return None
+
+
+def _norm(v):
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
+# --- the comparison -----------------------------------------------------------------------------------
+def compare(base: Run, head: Run, threshold: float = 0.05, force: bool = False) -> Comparison:
+    if not 0 < threshold < 1:
+        raise UsageError(f"--threshold must be between 0 and 100 percent, not {threshold * 100:g}")
+    diff = incompatibility(base, head)
+    if diff and not force:
+        raise UsageError(f"runs are not comparable: {diff} (--force compares them anyway)")
+    b = _keyed(base.rows)
+    h = _keyed(head.rows)
+    if not set(b.index) & set(h.index):
+        raise UsageError(f"runs {base.name} and {head.name} have no row in common")
+    both = pd.merge(b, h, left_index=True, right_index=True, suffixes=("_b", "_h"))
+    out = [_one_sided(r, "missing") for _, r in b.loc[b.index.difference(h.index)].iterrows()]
+    out += [_one_sided(r, "added") for _, r in h.loc[h.index.difference(b.index)].iterrows()]
+    for _, r in both.iterrows():
+        out += _status_verdict(r)
+        if r["status_b"] == "ok" and r["status_h"] == "ok":
+            out += _memory_verdict(r, threshold) + _accuracy_verdict(r)
+    time_df, noise = _time_verdicts(both, threshold)
+    verdicts = pd.concat([pd.DataFrame(out), time_df], ignore_index=True)
+    verdicts["_rank"] = verdicts["verdict"].map(VERDICTS.index)
+    verdicts = verdicts.sort_values(["_rank", "severity"], ascending=[True, False], kind="stable")
+    return Comparison(base, head, threshold, verdicts.drop(columns="_rank").reset_index(drop=True), noise)
+
+
+def _keyed(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.copy()
+    df["order"] = np.arange(len(df))  # measurement order: the drift's neighbourhood
+    df["key"] = [json.dumps([_norm(v) for v in k]) for k in df[KEY].itertuples(index=False)]
+    return df.drop_duplicates("key", keep="last").set_index("key")  # a resumed row replaces its first try
+
+
+def _ident(r: pd.Series, suffix: str = "") -> dict:
+    g = lambda c: r.get(c + suffix, r.get(c))  # noqa: E731
+    return {"device": g("device"), "family": g("family"), "impl": g("impl"), "case": g("label"),
+            "dtype": g("dtype"), "mode": g("mode")}
+
+
+def _verdict(r, metric, verdict, base=None, head=None, change=None, low=None, high=None, p=None, q=None,
+             note="", severity=0.0, suffix="_h"):
+    return {**_ident(r, suffix), "metric": metric, "verdict": verdict, "base": base, "head": head,
+            "change": change, "ci_low": low, "ci_high": high, "p": p, "q": q, "severity": severity, "note": note}
+
+
+def _one_sided(r: pd.Series, verdict: str) -> dict:
+    return _verdict(r, "row", verdict, note=f"status {r['status']} in one run only", suffix="")
+
+
+def _status_verdict(r: pd.Series) -> list[dict]:
+    sb, sh = r["status_b"], r["status_h"]
+    if sb == sh:
+        return []
+    if sb == "ok" and sh != "ok":
+        v, note = "regressed", f"{sh}: {r.get('error_h') or ''}".strip().rstrip(":")
+    elif sh == "ok" or sb in FAILED:
+        v, note = "improved", f"was {sb}"
+    else:
+        v, note = "regressed" if sh in FAILED else "inconclusive", f"was {sb}"
+    return [_verdict(r, "status", v, sb, sh, note=note, severity=math.inf if v == "regressed" else 0)]
+
+
+def _memory_verdict(r: pd.Series, threshold: float) -> list[dict]:
+    """On ranges: each row holds the smallest and largest extra over its repeated calls (the CPU
+    peak of one call varies by whole tensors, runners/memory.py), so a change must clear the other
+    run's whole range; where the peak is deterministic the range is one value."""
+    mb, mh = r["extra_mem_bytes_b"], r["extra_mem_bytes_h"]
+    if _missing(mb) or _missing(mh):
+        return []
+    mb_max = mb if _missing(r.get("extra_mem_max_bytes_b")) else r["extra_mem_max_bytes_b"]
+    mh_max = mh if _missing(r.get("extra_mem_max_bytes_h")) else r["extra_mem_max_bytes_h"]
+    block = ALLOC_BLOCK.get(str(r["device_h"]).split(":")[0], 4096)
+    if mh - mb_max > threshold * mb_max and mh - mb_max > block:
+        v = "regressed"
+    elif mb - mh_max > threshold * mh_max and mb - mh_max > block:
+        v = "improved"
+    else:
+        v = "unchanged"
+    change = mh / mb if mb else (math.inf if mh else 1.0)
+    return [_verdict(r, "memory", v, float(mb), float(mh), change, severity=math.log(max(change, 1e-300)))]
+
+
+def _accuracy_verdict(r: pd.Series) -> list[dict]:
+    # Seeded inputs: the same code gives the same errors, so no test is needed.
+    col = "grad_row_err_max" if not _missing(r["grad_row_err_max_b"]) else "loss_rel_err"
+    eb, eh = _err(r[f"{col}_b"]), _err(r[f"{col}_h"])
+    ok_b, ok_h = bool(r["accuracy_ok_b"]), bool(r["accuracy_ok_h"])
+    change = eh / eb if eb > 0 else (1.0 if eh == eb else math.inf)
+    if ok_b and not ok_h:
+        v, note = "regressed", "accuracy_ok turned false"
+    elif change > ACCURACY_GROWTH:
+        v, note = "regressed", f"{col} grew more than {ACCURACY_GROWTH:g}x"
+    elif not ok_b and ok_h:
+        v, note = "improved", "accuracy_ok turned true"
+    elif change < 1 / ACCURACY_GROWTH:
+        v, note = "improved", f"{col} shrank more than {ACCURACY_GROWTH:g}x"
+    else:
+        v, note = "unchanged", ""
+    sev = math.inf if v == "regressed" and not ok_h else math.log(change) if 0 < change < math.inf else 0.0
+    return [_verdict(r, "accuracy", v, eb, eh, change, note=note, severity=sev)]
+
+
+def _err(v) -> float:
+    return math.inf if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _samples(v) -> np.ndarray:
+    a = np.asarray(v if isinstance(v, (list, tuple, np.ndarray)) else [], dtype=float)
+    return a[np.isfinite(a)]
+
+
+def _ratio_ci(a: np.ndarray, b: np.ndarray, seed: int) -> tuple[float, float]:
+    """Percentile bootstrap CI of median(b) / median(a), the runs resampled independently (BCa needs
+    more samples than a small row has and fails on ties)."""
+    res = stats.bootstrap((a, b), lambda x, y, axis: np.median(y, axis=axis) / np.median(x, axis=axis),
+                          paired=False, vectorized=True, n_resamples=BOOTSTRAP_RESAMPLES, method="percentile",
+                          confidence_level=0.95, rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def _local_drift(lr: np.ndarray, sides: bool = True) -> np.ndarray:
+    """Per row, the shift its neighbours in measurement order share: the median log-ratio of the
+    DRIFT_WINDOW rows before it, of those after it, or of both, whichever is closest to the row's
+    own. One side is needed at a burst's edge (the rows before it were not slowed, those after were);
+    a slower implementation's rows stay apart from either side, since its neighbours are mostly the
+    other implementations of the same cases. sides=False: both sides' median only."""
+    out = np.zeros(len(lr))
+    for i, x in enumerate(lr):
+        before, after = lr[max(0, i - DRIFT_WINDOW): i], lr[i + 1: i + 1 + DRIFT_WINDOW]
+        windows = (before, after, np.concatenate([before, after])) if sides else (np.concatenate([before, after]),)
+        medians = [np.median(w) for w in windows if len(w)]
+        out[i] = min(medians, key=lambda d: abs(x - d)) if medians else 0.0
+    return out
+
+
+def _time_verdicts(both: pd.DataFrame, threshold: float) -> tuple[pd.DataFrame, dict]:
+    rows = both[(both["status_b"] == "ok") & (both["status_h"] == "ok")].sort_values("order_h")
+    recs = []
+    for key, r in rows.iterrows():
+        a, b = _samples(r["raw_ms_b"]), _samples(r["raw_ms_h"])
+        if len(a) < 2 or len(b) < 2:
+            continue
+        low, high = _ratio_ci(a, b, seed=zlib.crc32(key.encode()))  # reproducible, per row
+        recs.append({"key": key, "device": r["device_h"], "order": r["order_h"], "r": np.median(b) / np.median(a),
+                     "low": low, "high": high, "p_mw": stats.mannwhitneyu(a, b, alternative="two-sided").pvalue,
+                     "row": r})
+    if not recs:
+        return pd.DataFrame(), {}
+    t = pd.DataFrame(recs)
+    t["log_r"] = np.log(t["r"])
+    # Within-run standard error of log r, from the bootstrap interval (95%: +-1.96 se).
+    t["se"] = (np.log(t["high"]) - np.log(t["low"])) / (2 * 1.96)
+    noise = {}
+    for device, g in t.groupby("device"):
+        lr = g["log_r"].to_numpy()
+        drift = _local_drift(lr)
+        if len(g) >= MIN_ROWS_FOR_NOISE:
+            # From the rows' distance to both sides' median: choosing the closer side (drift) would
+            # shrink the spread of unchanged rows too, and the noise with it. Robust (median of
+            # absolute values): the regressed rows are a minority, a burst's edges a few rows.
+            spread = 1.4826 * np.median(np.abs(lr - _local_drift(lr, sides=False)))
+            between = math.sqrt(max(0.0, spread**2 - float(np.median(g["se"] ** 2))))
+        else:
+            between = DEFAULT_NOISE
+        t.loc[g.index, "drift"] = drift
+        t.loc[g.index, "between"] = between
+        noise[device] = {"between_run_noise_pct": 100 * (math.exp(between) - 1),
+                         "run_wide_drift_pct": 100 * (math.exp(float(np.median(lr))) - 1), "rows": len(g)}
+    t["adj"] = t["log_r"] - t["drift"]
+    t["total_se"] = np.sqrt(t["se"] ** 2 + t["between"] ** 2)
+    z = t["adj"] / t["total_se"].where(t["total_se"] > 0, np.inf)
+    t["p"] = np.maximum(t["p_mw"], 2 * stats.norm.sf(np.abs(z)))
+    t["q"] = stats.false_discovery_control(t["p"].to_numpy(), method="bh")
+    bound = math.log1p(threshold)
+    out = []
+    for _, x in t.iterrows():
+        lo, hi = x["adj"] - 1.96 * x["total_se"], x["adj"] + 1.96 * x["total_se"]
+        if x["q"] < ALPHA and x["adj"] > bound:
+            v = "regressed"
+        elif x["q"] < ALPHA and x["adj"] < -bound:
+            v = "improved"
+        elif -bound <= lo and hi <= bound:
+            v = "unchanged"
+        else:
+            v = "inconclusive"
+        r = x["row"]
+        note = "" if v != "inconclusive" else "the data cannot tell at this threshold: rerun with a larger --budget"
+        if abs(x["drift"]) > 0.01:
+            note = (note + "; " if note else "") + f"neighbours moved x{math.exp(x['drift']):.3g}"
+        out.append(_verdict(r, "time", v, float(r["time_median_ms_b"]), float(r["time_median_ms_h"]),
+                            math.exp(x["adj"]), math.exp(x["adj"]) * x["low"] / x["r"],
+                            math.exp(x["adj"]) * x["high"] / x["r"], float(x["p"]), float(x["q"]), note=note,
+                            severity=abs(x["adj"])))
+    return pd.DataFrame(out), noise
+
+
+# --- output -------------------------------------------------------------------------------------------
+def _fmt_value(metric: str, v) -> str:
+    if _missing(v):
+        return "-"
+    if metric == "time":
+        return f"{v:.3g} ms"
+    if metric == "memory":
+        from .table import _fmt_bytes
+        return _fmt_bytes(v)
+    if metric == "accuracy":
+        return f"{v:.2g}"
+    return str(v)
+
+
+def _fmt_change(row) -> str:
+    c = row["change"]
+    if _missing(c):
+        return ""
+    text = "inf" if math.isinf(c) else f"x{c:.3g}"
+    if not _missing(row.get("ci_low")):
+        text += f" [{row['ci_low']:.3g}, {row['ci_high']:.3g}]"
+    return text
+
+
+def display_frame(cmp: Comparison, all_rows: bool = False) -> pd.DataFrame:
+    """The verdicts as text columns, unchanged rows left out unless all_rows."""
+    v = cmp.verdicts if all_rows else cmp.verdicts[cmp.verdicts["verdict"] != "unchanged"]
+    return pd.DataFrame({
+        "verdict": v["verdict"], "metric": v["metric"], "device": v["device"], "family": v["family"],
+        "impl": v["impl"], "case": v["case"], "dtype": v["dtype"], "mode": v["mode"],
+        "base": [_fmt_value(m, x) for m, x in zip(v["metric"], v["base"])],
+        "head": [_fmt_value(m, x) for m, x in zip(v["metric"], v["head"])],
+        "change [95% CI]": [_fmt_change(r) for _, r in v.iterrows()],
+        "q": ["" if _missing(q) else f"{q:.2g}" for q in v["q"]],
+        "note": v["note"],
+    })
+
+
+def summary_lines(cmp: Comparison) -> list[str]:
+    counts = ", ".join(f"{n} {v}" for v, n in cmp.counts().items())
+    lines = [f"{cmp.base.run_id} -> {cmp.head.run_id}: threshold {cmp.threshold * 100:g}%, "
+             f"false-discovery rate {ALPHA:g} over time rows; {counts}"]
+    for device, n in cmp.noise.items():
+        lines.append(f"{device}: between-run noise ±{n['between_run_noise_pct']:.1f}% beyond the samples, "
+                     f"run-wide drift {n['run_wide_drift_pct']:+.1f}% (median over {n['rows']} rows, "
+                     "not judged per row)")
+    if "inconclusive" in cmp.counts():
+        lines.append("inconclusive: the data cannot tell at this threshold; rerun with a larger --budget")
+    return lines
+
+
+_STYLE = {"regressed": "bold red", "missing": "red", "inconclusive": "yellow", "improved": "green", "added": "cyan"}
+
+
+def terminal_table(cmp: Comparison) -> Table:
+    df = display_frame(cmp)
+    table = Table(title="lossbench compare: " + summary_lines(cmp)[0], title_justify="left")
+    for col in df.columns:
+        table.add_column(col, overflow="fold")
+    for _, r in df.iterrows():
+        style = _STYLE.get(r["verdict"], "")
+        table.add_row(*[f"[{style}]{r[c]}[/]" if c == "verdict" and style else str(r[c]) for c in df.columns])
+    return table
+
+
+def markdown(cmp: Comparison) -> str:
+    df = display_frame(cmp)
+    head = "## lossbench compare\n\n" + "\n".join(f"- {line}" for line in summary_lines(cmp)) + "\n\n"
+    if df.empty:
+        return head + "Every matched row is unchanged.\n"
+    return head + df.to_markdown(index=False) + "\n"
+
+
+def to_json(cmp: Comparison) -> dict:
+    rows = cmp.verdicts.replace({np.inf: "inf", -np.inf: "-inf"})
+    return {"base": cmp.base.run_id, "head": cmp.head.run_id, "threshold_pct": cmp.threshold * 100,
+            "alpha": ALPHA, "counts": cmp.counts(), "noise": cmp.noise, "regressed": cmp.regressed(),
+            "rows": json.loads(rows.to_json(orient="records"))}
+
+
+def write(cmp: Comparison, console: Console, markdown_path: str | None = None, json_path: str | None = None) -> None:
+    """The comparison on the terminal (sorted by severity), and as Markdown and JSON files if asked."""
+    if display_frame(cmp).empty:
+        console.print(summary_lines(cmp)[0])
+    else:
+        console.print(terminal_table(cmp))
+    for line in summary_lines(cmp)[1:]:
+        console.print(line)
+    if markdown_path:
+        Path(markdown_path).write_text(markdown(cmp))
+    if json_path:
+        Path(json_path).write_text(json.dumps(to_json(cmp), indent=1))
+
+
+def threshold_from_pct(pct: float) -> float:
+    if not (0 < pct < 100 and math.isfinite(pct)):
+        raise UsageError(f"--threshold must be a percentage between 0 and 100, not {pct:g}")
+    return pct / 100

@@ -1,0 +1,121 @@
+"""`lossbench nightly`: run the suite, compare with the pinned baseline, move the baseline forward
+only after a clean night.
+
+The baseline is a small pointer file in the results folder, results/baseline.json:
+    {"baselines": {"<device name>": {"run_id": ..., "git_sha": ..., "set_at": ...}}}
+one run per device name (a CPU model, a GPU model), so a CPU and a GPU job share one folder.
+
+Exit status: 0 clean (the baseline moves to this run), 1 a regression, 3 rows that failed to run
+(error / crash / oom / timeout), 4 no baseline yet for a device (this run becomes it), 2 bad input.
+A night with a regression or failed rows leaves the baseline where it was: the next night is
+compared with the same run, so a regression cannot become the new normal by being measured twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+
+from .. import records, run
+from ..errors import UsageError
+from . import compare
+
+EXIT_CLEAN, EXIT_REGRESSION, EXIT_FAILED_ROWS, EXIT_NO_BASELINE = 0, 1, 3, 4
+POINTER = "baseline.json"
+
+
+def read_pointer(results_dir: str | Path) -> dict:
+    path = Path(results_dir) / POINTER
+    if not path.exists():
+        return {"baselines": {}}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        raise UsageError(f"{path} is corrupt: not JSON (fix or delete it; the next night then becomes "
+                         "the baseline)") from None
+    if not isinstance(data, dict) or not isinstance(data.get("baselines"), dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("run_id"), str) for v in data["baselines"].values()):
+        raise UsageError(f"{path} is not a lossbench baseline pointer")
+    for name, entry in data["baselines"].items():
+        if not (Path(results_dir) / f"{entry['run_id']}.jsonl").is_file():
+            raise UsageError(f"{path}: the baseline of {name!r}, run {entry['run_id']}, is not in {str(results_dir)!r}")
+    return data
+
+
+def write_pointer(results_dir: str | Path, data: dict) -> None:
+    path = Path(results_dir) / POINTER
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)  # atomic: a crash leaves the old pointer or the new one
+
+
+def nightly(spec: dict, results_dir: str | Path, *, threshold: float, timeout_s: float,
+            markdown_path: str | None, json_path: str | None, console: Console, err: Console) -> int:
+    pointer = read_pointer(results_dir)  # bad input is refused before anything runs
+    outcome = run.execute(spec, results_dir, timeout_s=timeout_s, err=err)
+    if outcome.state != "complete":
+        return 130
+    head_rows = outcome.rows()
+    head = compare.Run(outcome.run_id, outcome.run_id, head_rows)
+    failed = head_rows[head_rows["status"].isin(run.FAILED)]
+
+    comparisons, new_devices = [], []
+    for name in head_rows["device_name"].dropna().unique():
+        entry = pointer["baselines"].get(name)
+        if entry is None:
+            new_devices.append(name)
+            continue
+        base = compare.load_run(entry["run_id"], results_dir)
+        base.rows = base.rows[base.rows["device_name"] == name].reset_index(drop=True)
+        mine = compare.Run(head.name, head.run_id, head_rows[head_rows["device_name"] == name].reset_index(drop=True))
+        comparisons.append((name, compare.compare(base, mine, threshold)))  # incompatible: exit 2, run kept
+
+    regressed = any(c.regressed() for _, c in comparisons)
+    code = (EXIT_REGRESSION if regressed else EXIT_FAILED_ROWS if len(failed)
+            else EXIT_NO_BASELINE if new_devices else EXIT_CLEAN)
+    lines = _report(comparisons, new_devices, failed, outcome, code, console)
+    if code in (EXIT_CLEAN, EXIT_NO_BASELINE):
+        for name in [n for n, _ in comparisons] + new_devices:
+            pointer["baselines"][name] = {"run_id": outcome.run_id, "git_sha": records.git_sha(),
+                                          "set_at": records.now()}
+        write_pointer(results_dir, pointer)
+        lines.append(f"baseline -> {outcome.run_id}")
+    else:
+        lines.append("baseline kept: " + ", ".join(f"{n}: {e['run_id']}" for n, e in pointer["baselines"].items()))
+    console.print(lines[-1])
+    if markdown_path:
+        Path(markdown_path).write_text(_markdown(comparisons, lines))
+    if json_path:
+        Path(json_path).write_text(json.dumps({"run_id": outcome.run_id, "exit_code": code, "summary": lines,
+                                               "failed_rows": len(failed), "new_baselines": new_devices,
+                                               "comparisons": {n: compare.to_json(c) for n, c in comparisons}},
+                                              indent=1))
+    return code
+
+
+def _report(comparisons, new_devices, failed: pd.DataFrame, outcome, code: int, console: Console) -> list[str]:
+    lines = [f"lossbench nightly: run {outcome.run_id} ({outcome.measured} rows in {outcome.elapsed_s:.0f} s), "
+             f"exit {code}"]
+    for name, cmp in comparisons:
+        console.print(f"[bold]{name}[/]")
+        compare.write(cmp, console)
+        lines += [f"{name}: " + compare.summary_lines(cmp)[0]]
+    for name in new_devices:
+        lines.append(f"{name}: no baseline yet; this run becomes it")
+    if len(failed):
+        lines.append(f"{len(failed)} rows failed to run: " + ", ".join(
+            f"{r.family} {r.impl} {r.label} {r.mode}: {r.status}" for r in failed.head(5).itertuples())
+            + (" ..." if len(failed) > 5 else ""))
+    for line in lines[1:]:
+        console.print(line)
+    return lines
+
+
+def _markdown(comparisons, lines: list[str]) -> str:
+    text = "# lossbench nightly\n\n" + "\n".join(f"- {line}" for line in lines) + "\n"
+    for name, cmp in comparisons:
+        text += f"\n## {name}\n\n" + compare.markdown(cmp).split("\n", 2)[2]
+    return text

@@ -1,0 +1,130 @@
+"""How often `lossbench compare` cries wolf, and how often it catches a slowdown, on real runs.
+
+    python -m lossbench.report.simulation RUN RUN RUN RUN RUN [...] [--resamples K] [--slowdown 1.10]
+
+RUN: run ids under --results, or run files, of the same suite and the same code on one machine
+(at least five): their differences are the machine's real within-run and between-run noise.
+
+For every pair of runs (base, head), K times: every row's samples are resampled with replacement
+(within-run noise on top of the real between-run noise), then
+- unchanged: the pair is compared as it is. Any `regressed` time verdict is a false alarm;
+- injected: one implementation, drawn at random, has every head sample of every row multiplied by
+  the slowdown (a kernel commit slows one implementation, on all its cases). Its rows' `regressed`
+  verdicts are detections.
+Prints the false-alarm rate per row, the share of comparisons with any false alarm, and the
+detection rate, at compare's default threshold (or --threshold).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+
+import numpy as np
+import pandas as pd
+
+from ..errors import UsageError
+from . import compare
+
+MIN_RUNS = 5
+
+
+def _resampled(run: compare.Run, rng: np.random.Generator, factor: dict[str, float] | None = None) -> compare.Run:
+    rows = run.rows.copy()
+    raw = []
+    for impl, samples in zip(rows["impl"], rows["raw_ms"]):
+        a = np.asarray(samples if isinstance(samples, list) else [], dtype=float)
+        if len(a):
+            a = rng.choice(a, size=len(a), replace=True) * (factor or {}).get(impl, 1.0)
+        raw.append(a.tolist())
+    rows["raw_ms"] = raw
+    rows["time_median_ms"] = [float(np.median(a)) if len(a) else None for a in raw]
+    return compare.Run(run.name, run.run_id, rows)
+
+
+def simulate(runs: list[compare.Run], *, resamples: int = 2, slowdown: float = 1.10, threshold: float = 0.05,
+             seed: int = 0, progress=None) -> dict:
+    rng = np.random.default_rng(seed)
+    pairs = list(itertools.permutations(range(len(runs)), 2))
+    alarms_rows = alarms_cmp = n_rows = n_cmp = 0
+    detected = injected_rows = 0
+    verdict_counts: dict[str, int] = {}
+    for k, (i, j) in enumerate(pairs):
+        for _ in range(resamples):
+            base = _resampled(runs[i], rng)
+            ok = runs[j].rows[runs[j].rows["status"] == "ok"]
+            impl = str(rng.choice(sorted(ok["impl"].unique())))
+            head = _resampled(runs[j], rng)
+            t = _time(compare.compare(base, head, threshold))
+            n_rows += len(t)
+            n_cmp += 1
+            bad = int((t["verdict"] == "regressed").sum())
+            alarms_rows += bad
+            alarms_cmp += bad > 0
+            for v, c in t["verdict"].value_counts().items():
+                verdict_counts[v] = verdict_counts.get(v, 0) + int(c)
+            slowed = _slowed(head, impl, slowdown)
+            t = _time(compare.compare(base, slowed, threshold))
+            mine = t[t["impl"] == impl]
+            injected_rows += len(mine)
+            detected += int((mine["verdict"] == "regressed").sum())
+        if progress:
+            progress(k + 1, len(pairs))
+    return {
+        "runs": [r.run_id for r in runs], "pairs": len(pairs), "resamples": resamples, "threshold_pct": threshold * 100,
+        "slowdown": slowdown, "comparisons": n_cmp, "time_rows_compared": n_rows,
+        "false_alarm_rows_pct": 100 * alarms_rows / max(n_rows, 1),
+        "comparisons_with_a_false_alarm_pct": 100 * alarms_cmp / max(n_cmp, 1),
+        "unchanged_verdicts_pct": {v: 100 * c / max(n_rows, 1) for v, c in sorted(verdict_counts.items())},
+        "injected_rows": injected_rows, "detected_pct": 100 * detected / max(injected_rows, 1),
+    }
+
+
+def _time(cmp: compare.Comparison) -> pd.DataFrame:
+    v = cmp.verdicts
+    return v[v["metric"] == "time"]
+
+
+def _slowed(run: compare.Run, impl: str, factor: float) -> compare.Run:
+    rows = run.rows.copy()
+    mine = rows["impl"] == impl
+    rows.loc[mine, "raw_ms"] = pd.Series([[x * factor for x in a] for a in rows.loc[mine, "raw_ms"]],
+                                         index=rows.index[mine], dtype=object)
+    rows.loc[mine, "time_median_ms"] = rows.loc[mine, "time_median_ms"] * factor
+    return compare.Run(run.name, run.run_id, rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lossbench.report.simulation", description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("--results", default="results")
+    p.add_argument("--resamples", type=int, default=2)
+    p.add_argument("--slowdown", type=float, default=1.10)
+    p.add_argument("--threshold", type=float, default=5.0, metavar="PCT")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="FILE")
+    args = p.parse_args(argv)
+    try:
+        if len(args.runs) < MIN_RUNS:
+            raise UsageError(f"need at least {MIN_RUNS} runs of unchanged code, got {len(args.runs)}")
+        runs = [compare.load_run(r, args.results) for r in args.runs]
+        for r in runs[1:]:
+            diff = compare.incompatibility(runs[0], r)
+            if diff:
+                raise UsageError(f"runs are not comparable: {diff}")
+        out = simulate(runs, resamples=args.resamples, slowdown=args.slowdown,
+                       threshold=compare.threshold_from_pct(args.threshold), seed=args.seed,
+                       progress=lambda k, n: print(f"pair {k}/{n}", file=sys.stderr))
+    except UsageError as exc:
+        print(f"simulation: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(out, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

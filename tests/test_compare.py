@@ -1,0 +1,221 @@
+"""`lossbench compare`: verdicts on synthetic runs whose truth is known, and the CLI's exits.
+
+Synthetic runs: each row's raw samples are drawn around a known median, with within-run noise,
+a per-row between-run shift, and (optionally) a burst that slows consecutive rows, as measured on
+the shared machines (report/compare.py). Each check is also shown to fail without the part of the
+design it relies on (false-discovery control, the between-run term, the drift).
+"""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lossbench.cli import main
+from lossbench.report import compare
+from lossbench.report.compare import Run
+
+IMPLS = ["torch_module", "torch_functional", "torch_composed", "torch_compile", "fused"]
+
+
+def _rows(n_cases=40, seed=0, within=0.02, between=0.0, slow=None, burst=None, samples=15, torch_version="2.13.0",
+          mem=None, acc=None, status=None):
+    """A run's rows: n_cases cases x IMPLS, fwd_bwd. slow: {impl: factor}; burst: (first, last, factor)
+    over row positions; mem / acc / status: {impl: value} overrides."""
+    rng = np.random.default_rng(seed)
+    base_rng = np.random.default_rng(12345)  # the true medians: the same in every run
+    rows = []
+    for i in range(n_cases):
+        for impl in IMPLS:
+            pos = len(rows)
+            true = base_rng.uniform(0.5, 20)
+            factor = (slow or {}).get(impl, 1.0) * float(np.exp(rng.normal(0, between)))
+            if burst and burst[0] <= pos <= burst[1]:
+                factor *= burst[2]
+            raw = (true * factor * np.exp(rng.normal(0, within, samples))).tolist()
+            rows.append({
+                "run_id": f"run{seed}", "device": "cpu", "device_name": "cpu: Test CPU", "torch_version": torch_version,
+                "triton_version": "3.9.0", "cuda_version": None, "threads": 2, "git_sha": f"sha{seed}",
+                "family": "ce", "impl": impl, "n": 1000 + i, "c": 100, "h": None, "dtype": "float32",
+                "mode": "fwd_bwd", "options": "{}", "input_dist": "normal", "label": f"{1000 + i}x100 float32",
+                "status": (status or {}).get(impl, "ok"), "error": None,
+                "raw_ms": raw, "time_median_ms": float(np.median(raw)),
+                "extra_mem_bytes": (mem or {}).get(impl, 8_192_000), "extra_mem_max_bytes": None,
+                "accuracy_ok": (acc or {}).get(impl, (True, 1e-6))[0],
+                "grad_row_err_max": (acc or {}).get(impl, (True, 1e-6))[1], "loss_rel_err": 1e-7,
+            })
+    return rows
+
+
+def _run(rows, name="r"):
+    return Run(name, rows[0]["run_id"], pd.DataFrame(rows))
+
+
+def _verdicts(cmp, metric="time"):
+    v = cmp.verdicts
+    return v[v["metric"] == metric]
+
+
+# --- time ---------------------------------------------------------------------------------------------
+def test_unchanged_code_stays_quiet():
+    cmp = compare.compare(_run(_rows(seed=1, between=0.03)), _run(_rows(seed=2, between=0.03)))
+    t = _verdicts(cmp)
+    assert len(t) == 200
+    assert not cmp.regressed() and cmp.exit_code() == 0
+    assert (t["verdict"] == "improved").sum() == 0
+
+
+def test_one_implementation_30_percent_slower_is_named():
+    cmp = compare.compare(_run(_rows(seed=1, between=0.03)), _run(_rows(seed=2, between=0.03, slow={"fused": 1.3})))
+    t = _verdicts(cmp)
+    reg = t[t["verdict"] == "regressed"]
+    assert cmp.exit_code() == 1
+    assert set(reg["impl"]) == {"fused"}
+    assert len(reg) >= 0.85 * 40
+    assert reg["change"].between(1.15, 1.5).all()
+
+
+def test_improvement_is_not_a_regression():
+    cmp = compare.compare(_run(_rows(seed=1)), _run(_rows(seed=2, slow={"fused": 0.7})))
+    t = _verdicts(cmp)
+    assert set(t[t["verdict"] == "improved"]["impl"]) == {"fused"}
+    assert cmp.exit_code() == 0
+
+
+def test_false_discovery_control_keeps_400_rows_quiet(monkeypatch):
+    """Within-run noise only, 400 rows of unchanged code: quiet with false-discovery control; the
+    same data without it (every row tested at 5%, the between-run term off) raises alarms."""
+    base, head = _run(_rows(n_cases=80, seed=3, within=0.08, samples=8)), _run(_rows(n_cases=80, seed=4, within=0.08, samples=8))
+    assert not compare.compare(base, head).regressed()
+    monkeypatch.setattr(compare, "DEFAULT_NOISE", 0.0)
+    monkeypatch.setattr(compare, "MIN_ROWS_FOR_NOISE", 10**9)
+    monkeypatch.setattr(compare.stats, "false_discovery_control", lambda p, method: p)
+    assert compare.compare(base, head).regressed()
+
+
+def test_between_run_noise_is_not_a_regression(monkeypatch):
+    """Tight samples within each run, rows shifted by 10% (sd) between runs: within-run statistics
+    alone cry wolf; with the between-run term the comparison stays quiet."""
+    base, head = _run(_rows(seed=5, within=0.005, between=0.10)), _run(_rows(seed=6, within=0.005, between=0.10))
+    cmp = compare.compare(base, head)
+    assert not cmp.regressed()
+    assert cmp.noise["cpu"]["between_run_noise_pct"] > 8
+    monkeypatch.setattr(compare, "MIN_ROWS_FOR_NOISE", 10**9)
+    monkeypatch.setattr(compare, "DEFAULT_NOISE", 0.0)
+    assert compare.compare(base, head).regressed()
+
+
+def test_a_burst_slowing_neighbouring_rows_is_not_a_regression(monkeypatch):
+    base = _run(_rows(seed=7))
+    head = _run(_rows(seed=8, burst=(60, 90, 1.8)))  # 31 consecutive rows 1.8x slower
+    cmp = compare.compare(base, head)
+    assert not cmp.regressed()
+    monkeypatch.setattr(compare, "DRIFT_WINDOW", 0)  # no neighbours: each row on its own
+    assert compare.compare(base, head).regressed()
+
+
+def test_inconclusive_when_the_data_cannot_tell():
+    cmp = compare.compare(_run(_rows(n_cases=3, seed=9, within=0.3, samples=5)),
+                          _run(_rows(n_cases=3, seed=10, within=0.3, samples=5, slow={"fused": 1.1})))
+    t = _verdicts(cmp)
+    assert (t["verdict"] == "inconclusive").any()
+    assert "larger --budget" in t[t["verdict"] == "inconclusive"]["note"].iloc[0]
+
+
+# --- memory, accuracy, status, rows ---------------------------------------------------------------------
+def test_memory_growth_beyond_threshold_and_block():
+    base = _run(_rows(n_cases=2, seed=1))
+    grown = _run(_rows(n_cases=2, seed=2, mem={"fused": 8_192_000 * 1.2, "torch_compile": 8_192_000 + 900_000}))
+    m = _verdicts(compare.compare(base, grown), "memory").set_index("impl")["verdict"]
+    assert (m.loc["fused"] == "regressed").all()
+    assert (m.loc["torch_compile"] == "unchanged").all()  # 11% more, but under one CPU allocator block
+    assert (m.loc["torch_module"] == "unchanged").all()
+
+
+def test_memory_within_the_base_range_is_unchanged():
+    rows = _rows(n_cases=2, seed=1)
+    for r in rows:
+        r["extra_mem_max_bytes"] = 40_960_000  # the base's calls peaked anywhere in 8-41 MB
+    head = _rows(n_cases=2, seed=2, mem={"fused": 32_768_000})
+    m = _verdicts(compare.compare(_run(rows), _run(head)), "memory")
+    assert (m["verdict"] == "unchanged").all()
+    m = _verdicts(compare.compare(_run(_rows(n_cases=2, seed=1)), _run(head)), "memory")  # no range: 4x
+    assert set(m[m["impl"] == "fused"]["verdict"]) == {"regressed"}
+
+
+def test_accuracy_turning_false_or_growing_2x():
+    base = _run(_rows(n_cases=2, seed=1))
+    head = _run(_rows(n_cases=2, seed=2, acc={"fused": (False, 1e-3), "torch_compile": (True, 3e-6),
+                                              "torch_module": (True, 1.5e-6)}))
+    cmp = compare.compare(base, head)
+    a = _verdicts(cmp, "accuracy").set_index("impl")
+    assert set(a.loc["fused", "verdict"]) == {"regressed"} and "turned false" in a.loc["fused", "note"].iloc[0]
+    assert set(a.loc["torch_compile", "verdict"]) == {"regressed"}
+    assert set(a.loc["torch_module", "verdict"]) == {"unchanged"}
+    assert cmp.exit_code() == 1
+    assert cmp.verdicts.iloc[0]["verdict"] == "regressed"  # sorted by severity
+
+
+def test_status_and_rows_in_one_run():
+    base_rows = _rows(n_cases=2, seed=1)
+    head_rows = _rows(n_cases=2, seed=2, status={"fused": "error"})
+    head_rows = [r for r in head_rows if not (r["impl"] == "torch_module" and r["n"] == 1000)]
+    head_rows.append({**head_rows[0], "impl": "new_kernel"})
+    cmp = compare.compare(_run(base_rows), _run(head_rows))
+    v = cmp.verdicts
+    assert set(v[(v["metric"] == "status")]["impl"]) == {"fused"}
+    assert set(v[v["metric"] == "status"]["verdict"]) == {"regressed"}
+    assert list(v[v["verdict"] == "missing"]["impl"]) == ["torch_module"]
+    assert list(v[v["verdict"] == "added"]["impl"]) == ["new_kernel"]
+
+
+def test_incompatible_runs_are_refused():
+    base, head = _run(_rows(n_cases=2, seed=1)), _run(_rows(n_cases=2, seed=2, torch_version="2.14.0"))
+    with pytest.raises(compare.UsageError, match="torch_version is 2.13.0 in r, 2.14.0 in r"):
+        compare.compare(base, head)
+    assert compare.compare(base, head, force=True).exit_code() == 0
+
+
+# --- the command --------------------------------------------------------------------------------------
+def _write(tmp_path, rows, run_id):
+    path = tmp_path / f"{run_id}.jsonl"
+    path.write_text("".join(json.dumps({**r, "run_id": run_id}) + "\n" for r in rows))
+    return path
+
+
+def test_cli_exit_codes_and_outputs(tmp_path, capsys):
+    _write(tmp_path, _rows(seed=1), "base")
+    _write(tmp_path, _rows(seed=2), "same")
+    _write(tmp_path, _rows(seed=2, slow={"fused": 1.3}), "slow")
+    _write(tmp_path, _rows(seed=2, torch_version="2.14.0"), "other")
+    assert main(["compare", "base", "same", "--results", str(tmp_path)]) == 0
+    md, js = tmp_path / "c.md", tmp_path / "c.json"
+    assert main(["compare", "base", "slow", "--results", str(tmp_path), "--markdown", str(md), "--json", str(js)]) == 1
+    out = capsys.readouterr().out
+    assert "regressed" in out and "fused" in out
+    assert "| regressed" in md.read_text()
+    data = json.loads(js.read_text())
+    assert data["regressed"] and {r["impl"] for r in data["rows"] if r["verdict"] == "regressed"} == {"fused"}
+    assert main(["compare", str(tmp_path / "base.jsonl"), str(tmp_path / "slow.jsonl")]) == 1  # run files
+    capsys.readouterr()
+    assert main(["compare", "base", "other", "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "torch_version" in err
+    assert main(["compare", "base", "other", "--results", str(tmp_path), "--force"]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compare", "base", "nope"], "no run 'nope'"),
+    (["compare", "base", "garbage"], "holds no result rows"),
+    (["compare", "base", "base", "--threshold", "0"], "--threshold must be a percentage"),
+    (["compare", "base", "base", "--threshold", "150"], "--threshold must be a percentage"),
+    (["compare", "base", "disjoint"], "no row in common"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
+    _write(tmp_path, _rows(n_cases=2, seed=1), "base")
+    (tmp_path / "garbage.jsonl").write_text("not json\n{}\n")
+    _write(tmp_path, [{**r, "family": "kl"} for r in _rows(n_cases=2, seed=1)], "disjoint")
+    assert main(argv + ["--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len([line for line in err if line.startswith("lossbench: error")]) == 1
+    assert message in err[-1]
