@@ -219,3 +219,17 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len([line for line in err if line.startswith("lossbench: error")]) == 1
     assert message in err[-1]
+
+
+def test_an_implementation_slower_on_all_its_rows_stands_out_from_the_noise(monkeypatch):
+    """Rows shifted by 10% (sd) between runs: one row's 30% drowns in it, the implementation's 40 rows
+    together do not. Without the implementation-wide test most of them are missed."""
+    base = _run(_rows(seed=11, within=0.01, between=0.10))
+    head = _run(_rows(seed=12, within=0.01, between=0.10, slow={"fused": 1.3}))
+    t = _verdicts(compare.compare(base, head))
+    reg = t[t["verdict"] == "regressed"]
+    assert set(reg["impl"]) == {"fused"} and len(reg) >= 0.7 * 40
+    assert reg["note"].str.contains("with its implementation").any()
+    monkeypatch.setattr(compare, "MIN_GROUP_ROWS", 10**9)
+    t = _verdicts(compare.compare(base, head))
+    assert (t["verdict"] == "regressed").sum() < 0.5 * 40

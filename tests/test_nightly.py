@@ -35,7 +35,7 @@ def test_three_nights_then_a_wrong_gradient(tmp_path, monkeypatch, capsys):
     assert second != first
     capsys.readouterr()
 
-    monkeypatch.setenv("LOSSBENCH_TEST_SLOWDOWN", "12")  # fwd_bwd some 3-4x slower
+    monkeypatch.setenv("LOSSBENCH_TEST_SLOWDOWN", "3")
     md, js = tmp_path / "night.md", tmp_path / "night.json"
     assert main(argv + ["--markdown", str(md), "--json", str(js)]) == 1
     assert _pointer(results) == second  # a regression does not become the baseline
@@ -112,3 +112,14 @@ def test_pointer_is_per_device_name(tmp_path, monkeypatch):
     assert main(["nightly", "--results", str(tmp_path)]) == 4  # a new device: its own first night
     assert json.loads((tmp_path / "baseline.json").read_text())["baselines"].keys() == {"cpu: Test CPU", "NVIDIA H100"}
     assert nightly.read_pointer(tmp_path)["baselines"]["NVIDIA H100"]["run_id"] == "night1"
+
+
+def test_a_new_torch_is_refused_and_tonights_run_kept(tmp_path, monkeypatch, capsys):
+    execute, _ = _fake_execute([_rows(n_cases=4, seed=1), _rows(n_cases=4, seed=2, torch_version="2.14.0")])
+    monkeypatch.setattr(run, "execute", execute)
+    assert main(["nightly", "--results", str(tmp_path)]) == 4
+    capsys.readouterr()
+    assert main(["nightly", "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "torch_version" in err and "night1 is kept" in err
+    assert (tmp_path / "night1.jsonl").is_file() and _pointer(tmp_path) == "night0"

@@ -57,6 +57,8 @@ DRIFT_WINDOW = 6              # rows on each side that define a row's local drif
 MIN_ROWS_FOR_NOISE = 8        # fewer time rows than this cannot estimate the between-run noise ...
 DEFAULT_NOISE = 0.05          # ... which is then taken as 5% (log scale), about its median on this machine
 BOOTSTRAP_RESAMPLES = 2000
+MIN_GROUP_ROWS = 4            # rows an implementation (and the others) need for the implementation-wide test
+MIN_GROUPS_FOR_NOISE = 5      # implementations needed to estimate their between-run noise (else DEFAULT_NOISE)
 VERSIONS = tuple(f for f in COMPARABLE if f != "git_sha")  # what must match; the code may differ
 
 
@@ -254,6 +256,39 @@ def _local_drift(lr: np.ndarray, sides: bool = True) -> np.ndarray:
     return out
 
 
+def _implementation_shifts(t: pd.DataFrame) -> dict:
+    """Per (device, family, implementation): are its rows' changes larger than the other
+    implementations' in the same comparison? A kernel commit slows an implementation on many cases;
+    one row's change may drown in the between-run noise while the implementation's rows together
+    stand out. The other implementations' rows were measured in the same seconds, so the machine's
+    state is in both: a Mann-Whitney test of the two sets of drift-corrected changes, then
+    a between-run term as for rows, then false-discovery control over the implementations."""
+    out = {}
+    for (device, family, impl), g in t.groupby(["device", "family", "impl"]):
+        others = t[(t["device"] == device) & (t["family"] == family) & (t["impl"] != impl)]["adj"]
+        if len(g) < MIN_GROUP_ROWS or len(others) < MIN_GROUP_ROWS:
+            continue
+        p = stats.mannwhitneyu(g["adj"], others, alternative="two-sided").pvalue
+        out[(device, family, impl)] = {"n": len(g), "shift": float(np.median(g["adj"]) - np.median(others)),
+                                       "p": float(p)}
+    # Implementations move between runs of the same code too (eager ce 7% faster in one run than in
+    # the other, its neighbours not): the spread of all implementations' shifts on the device (robust,
+    # as for rows) is their between-run noise, and an implementation must stand out from it as well.
+    for device in {k[0] for k in out}:
+        shifts = np.array([v["shift"] for k, v in out.items() if k[0] == device])
+        spread = 1.4826 * float(np.median(np.abs(shifts))) if len(shifts) >= MIN_GROUPS_FOR_NOISE else DEFAULT_NOISE
+        for k, v in out.items():
+            if k[0] == device:
+                z = abs(v["shift"]) / spread if spread > 0 else math.inf
+                v["p"] = max(v["p"], float(2 * stats.norm.sf(z)))
+                v["between_pct"] = 100 * (math.exp(spread) - 1)
+    if out:
+        q = stats.false_discovery_control([v["p"] for v in out.values()], method="bh")
+        for v, qi in zip(out.values(), q):
+            v["q"] = float(qi)
+    return out
+
+
 def _time_verdicts(both: pd.DataFrame, threshold: float) -> tuple[pd.DataFrame, dict]:
     rows = both[(both["status_b"] == "ok") & (both["status_h"] == "ok")].sort_values("order_h")
     recs = []
@@ -262,7 +297,8 @@ def _time_verdicts(both: pd.DataFrame, threshold: float) -> tuple[pd.DataFrame, 
         if len(a) < 2 or len(b) < 2:
             continue
         low, high = _ratio_ci(a, b, seed=zlib.crc32(key.encode()))  # reproducible, per row
-        recs.append({"key": key, "device": r["device_h"], "order": r["order_h"], "r": np.median(b) / np.median(a),
+        recs.append({"key": key, "device": r["device_h"], "family": r["family_h"], "impl": r["impl_h"],
+                     "order": r["order_h"], "r": np.median(b) / np.median(a),
                      "low": low, "high": high, "p_mw": stats.mannwhitneyu(a, b, alternative="two-sided").pvalue,
                      "row": r})
     if not recs:
@@ -293,25 +329,37 @@ def _time_verdicts(both: pd.DataFrame, threshold: float) -> tuple[pd.DataFrame, 
     t["p"] = np.maximum(t["p_mw"], 2 * stats.norm.sf(np.abs(z)))
     t["q"] = stats.false_discovery_control(t["p"].to_numpy(), method="bh")
     bound = math.log1p(threshold)
+    groups = _implementation_shifts(t)
     out = []
-    for _, x in t.iterrows():
+    for i, x in t.iterrows():
         lo, hi = x["adj"] - 1.96 * x["total_se"], x["adj"] + 1.96 * x["total_se"]
+        g = groups.get((x["device"], x["family"], x["impl"]))
+        note = ""
         if x["q"] < ALPHA and x["adj"] > bound:
             v = "regressed"
         elif x["q"] < ALPHA and x["adj"] < -bound:
             v = "improved"
+        elif g and g["q"] < ALPHA and abs(g["shift"]) > bound and abs(x["adj"]) > bound \
+                and np.sign(x["adj"]) == np.sign(g["shift"]):
+            v = "regressed" if g["shift"] > 0 else "improved"
+            note = (f"with its implementation: {g['n']} rows x{math.exp(g['shift']):.3g} against the other "
+                    f"implementations' (Mann-Whitney q={g['q']:.2g})")
         elif -bound <= lo and hi <= bound:
             v = "unchanged"
         else:
             v = "inconclusive"
+            note = ("the data cannot tell at this threshold: rerun with a larger --budget" if x["se"] >= x["between"]
+                    else "the data cannot tell at this threshold: the runs differ by more than their samples "
+                         "(a larger --budget will not help)")
         r = x["row"]
-        note = "" if v != "inconclusive" else "the data cannot tell at this threshold: rerun with a larger --budget"
         if abs(x["drift"]) > 0.01:
             note = (note + "; " if note else "") + f"neighbours moved x{math.exp(x['drift']):.3g}"
         out.append(_verdict(r, "time", v, float(r["time_median_ms_b"]), float(r["time_median_ms_h"]),
                             math.exp(x["adj"]), math.exp(x["adj"]) * x["low"] / x["r"],
                             math.exp(x["adj"]) * x["high"] / x["r"], float(x["p"]), float(x["q"]), note=note,
                             severity=abs(x["adj"])))
+    for (d, f, i), g in groups.items():
+        noise[d].setdefault("implementations", {})[f"{f} {i}"] = g
     return pd.DataFrame(out), noise
 
 
@@ -361,8 +409,15 @@ def summary_lines(cmp: Comparison) -> list[str]:
         lines.append(f"{device}: between-run noise ±{n['between_run_noise_pct']:.1f}% beyond the samples, "
                      f"run-wide drift {n['run_wide_drift_pct']:+.1f}% (median over {n['rows']} rows, "
                      "not judged per row)")
+    for device, n in cmp.noise.items():
+        for name, g in n.get("implementations", {}).items():
+            if g["q"] < ALPHA and abs(g["shift"]) > math.log1p(cmp.threshold):
+                lines.append(f"{device} {name}: {'slower' if g['shift'] > 0 else 'faster'} x{math.exp(g['shift']):.3g} "
+                             f"over its {g['n']} rows against the other implementations (q={g['q']:.2g})")
     if "inconclusive" in cmp.counts():
-        lines.append("inconclusive: the data cannot tell at this threshold; rerun with a larger --budget")
+        lines.append("inconclusive: the data cannot tell at this threshold; where the row's note says so, rerun "
+                     "with a larger --budget; where the runs differ by more than their samples, more samples "
+                     "will not help")
     return lines
 
 

@@ -71,7 +71,11 @@ def nightly(spec: dict, results_dir: str | Path, *, threshold: float, timeout_s:
         base = compare.load_run(entry["run_id"], results_dir)
         base.rows = base.rows[base.rows["device_name"] == name].reset_index(drop=True)
         mine = compare.Run(head.name, head.run_id, head_rows[head_rows["device_name"] == name].reset_index(drop=True))
-        comparisons.append((name, compare.compare(base, mine, threshold)))  # incompatible: exit 2, run kept
+        try:
+            comparisons.append((name, compare.compare(base, mine, threshold)))
+        except UsageError as exc:  # a new torch, a new machine: exit 2; tonight's run is kept
+            raise UsageError(f"{exc}; tonight's run {outcome.run_id} is kept: to make it the baseline, remove "
+                             f"the entry {name!r} from {Path(results_dir) / POINTER}") from None
 
     regressed = any(c.regressed() for _, c in comparisons)
     code = (EXIT_REGRESSION if regressed else EXIT_FAILED_ROWS if len(failed)
