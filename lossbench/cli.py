@@ -182,6 +182,16 @@ def cmd_nightly(args: argparse.Namespace) -> int:
                            err=_console(stderr=True))
 
 
+def _add_comparison_flags(p: argparse.ArgumentParser, results_help: str) -> None:
+    """The flags `compare` and `nightly` share."""
+    p.add_argument("--results", default="results", help=results_help)
+    p.add_argument("--threshold", type=float, default=5.0, metavar="PCT",
+                   help="smallest change that counts, in percent (default 5)")
+    p.add_argument("--markdown", metavar="FILE",
+                   help="also write the comparison as Markdown (a pull-request comment, a job summary)")
+    p.add_argument("--json", metavar="FILE", help="also write the comparison as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lossbench", description="Time, memory and gradient accuracy of PyTorch loss implementations.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -208,23 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
                                          "2 bad input or incompatible runs")
     cmp.add_argument("base", metavar="BASE", help="run id under --results, or a run file")
     cmp.add_argument("head", metavar="HEAD", help="run id under --results, or a run file")
-    cmp.add_argument("--results", default="results", help="results folder (default: results/)")
-    cmp.add_argument("--threshold", type=float, default=5.0, metavar="PCT",
-                     help="smallest change that counts, in percent (default 5)")
+    _add_comparison_flags(cmp, results_help="results folder (default: results/)")
     cmp.add_argument("--force", action="store_true",
                      help="compare runs whose device, library versions or threads differ")
-    cmp.add_argument("--markdown", metavar="FILE", help="also write the comparison as Markdown (a PR comment, a job summary)")
-    cmp.add_argument("--json", metavar="FILE", help="also write the comparison as JSON")
     cmp.set_defaults(func=cmd_compare)
 
     nig = sub.add_parser("nightly", help="run the nightly suite, compare with the pinned baseline, move it after a "
                                          "clean night: exit 0 clean, 1 regression, 3 failed rows, 4 no baseline yet")
     _add_selection(nig, suite_default="nightly")
-    nig.add_argument("--results", default="results", help="results folder holding the runs and baseline.json")
-    nig.add_argument("--threshold", type=float, default=5.0, metavar="PCT",
-                     help="smallest change that counts, in percent (default 5)")
-    nig.add_argument("--markdown", metavar="FILE", help="also write the comparison as Markdown (the job summary)")
-    nig.add_argument("--json", metavar="FILE", help="also write the comparison as JSON")
+    _add_comparison_flags(nig, results_help="results folder holding the runs and baseline.json (default: results/)")
     nig.set_defaults(func=cmd_nightly)
 
     ker = sub.add_parser("kernels", help="compile every Triton kernel variant for real GPUs (no GPU needed) and "
