@@ -149,7 +149,8 @@ def cmd_kernels(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     threshold = compare.threshold_from_pct(args.threshold)
     base, head = compare.load_run(args.base, args.results), compare.load_run(args.head, args.results)
-    cmp = compare.compare(base, head, threshold, force=args.force)
+    cmp = compare.compare(base, head, threshold, force=args.force,
+                          history=compare.history_for(base, head, args.results))
     compare.write(cmp, _console(), args.markdown, args.json)
     return cmp.exit_code()
 

@@ -233,3 +233,30 @@ def test_an_implementation_slower_on_all_its_rows_stands_out_from_the_noise(monk
     monkeypatch.setattr(compare, "MIN_GROUP_ROWS", 10**9)
     t = _verdicts(compare.compare(base, head))
     assert (t["verdict"] == "regressed").sum() < 0.5 * 40
+
+
+def test_a_row_that_varies_from_run_to_run_is_judged_by_its_history(monkeypatch):
+    """One row 1.7x slower in the head run, as a noisy row can be between runs of the same code. Without
+    history it is a regression; with earlier runs in which that row moved as much, it is not."""
+    def noisy(seed, factor):
+        rows = _rows(seed=seed, within=0.01, between=0.02)
+        rows[7]["raw_ms"] = [x * factor for x in rows[7]["raw_ms"]]
+        rows[7]["time_median_ms"] *= factor
+        return _run(rows)
+
+    base, head = noisy(20, 1.0), noisy(21, 1.7)
+    assert compare.compare(base, head).regressed()
+    history = [noisy(22, 0.6), noisy(23, 1.6), noisy(24, 1.0), base]
+    assert not compare.compare(base, head, history=history).regressed()
+    quiet = [noisy(25, 1.0), noisy(26, 1.02), noisy(27, 0.98), base]  # a history in which the row held still
+    assert compare.compare(base, head, history=quiet).regressed()
+
+
+def test_history_comes_from_earlier_comparable_runs(tmp_path):
+    for i, torch_version in enumerate(["2.13.0", "2.13.0", "2.14.0", "2.13.0", "2.13.0"]):
+        _write(tmp_path, _rows(n_cases=2, seed=i, torch_version=torch_version), f"2026010{i}T000000Z-aaaaaa")
+    (tmp_path / "20260100T000000Z-broken.jsonl").write_text("garbage\n")
+    base = compare.load_run("20260101T000000Z-aaaaaa", tmp_path)
+    head = compare.load_run("20260103T000000Z-aaaaaa", tmp_path)
+    ids = {r.run_id for r in compare.history_for(base, head, tmp_path)}
+    assert ids == {"20260100T000000Z-aaaaaa", "20260101T000000Z-aaaaaa"}  # earlier, same torch; no later run

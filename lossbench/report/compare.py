@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,7 @@ MIN_ROWS_FOR_NOISE = 8        # fewer time rows than this cannot estimate the be
 DEFAULT_NOISE = 0.05          # ... which is then taken as 5% (log scale), about its median on this machine
 BOOTSTRAP_RESAMPLES = 2000
 MIN_GROUP_ROWS = 4            # rows an implementation (and the others) need for the implementation-wide test
+MIN_HISTORY = 3               # earlier runs a row needs for its own run-to-run variation
 MIN_GROUPS_FOR_NOISE = 5      # implementations needed to estimate their between-run noise (else DEFAULT_NOISE)
 VERSIONS = tuple(f for f in COMPARABLE if f != "git_sha")  # what must match; the code may differ
 
@@ -119,7 +121,45 @@ def _norm(v):
 
 
 # --- the comparison -----------------------------------------------------------------------------------
-def compare(base: Run, head: Run, threshold: float = 0.05, force: bool = False) -> Comparison:
+def row_history_noise(runs: list[Run]) -> dict[str, float]:
+    """Per row key, the standard deviation of the log of its median over earlier runs (at least
+    MIN_HISTORY of them): a row that varies from run to run more than the device's typical row is
+    judged against its own variation. A real change among those runs makes it larger: more cautious."""
+    logs: dict[str, list[float]] = {}
+    for r in runs:
+        ok = _keyed(r.rows)
+        ok = ok[(ok["status"] == "ok") & ok["time_median_ms"].notna()]
+        for key, m in ok["time_median_ms"].items():
+            if m > 0:
+                logs.setdefault(key, []).append(math.log(m))
+    return {k: float(np.std(v, ddof=1)) for k, v in logs.items() if len(v) >= MIN_HISTORY}
+
+
+def history_for(base: Run, head: Run, results_dir: str | Path, limit: int = 10) -> list[Run]:
+    """Up to `limit` most recent earlier runs in results_dir comparable with the two (same device names
+    and versions), the base among them: the rows' own run-to-run variation."""
+    found = []
+    for path in sorted(Path(results_dir).glob("*.jsonl"), reverse=True):
+        if path.stem in (head.run_id,) or path.stem >= head.run_id:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a corrupt older file only leaves the history shorter
+                run = load_run(str(path), results_dir)
+        except UsageError:
+            continue
+        if set(run.rows["device_name"].dropna()) & set(head.rows["device_name"].dropna()) \
+                and incompatibility(run, head) is None:
+            found.append(run)
+        if len(found) >= limit:
+            break
+    if base.run_id not in {r.run_id for r in found}:
+        found.append(base)
+    return found
+
+
+def compare(base: Run, head: Run, threshold: float = 0.05, force: bool = False,
+            history: list[Run] | None = None) -> Comparison:
     if not 0 < threshold < 1:
         raise UsageError(f"--threshold must be between 0 and 100 percent, not {threshold * 100:g}")
     diff = incompatibility(base, head)
@@ -136,7 +176,7 @@ def compare(base: Run, head: Run, threshold: float = 0.05, force: bool = False) 
         out += _status_verdict(r)
         if r["status_b"] == "ok" and r["status_h"] == "ok":
             out += _memory_verdict(r, threshold) + _accuracy_verdict(r)
-    time_df, noise = _time_verdicts(both, threshold)
+    time_df, noise = _time_verdicts(both, threshold, row_history_noise(history or []))
     verdicts = pd.concat([pd.DataFrame(out), time_df], ignore_index=True)
     verdicts["_rank"] = verdicts["verdict"].map(VERDICTS.index)
     verdicts = verdicts.sort_values(["_rank", "severity"], ascending=[True, False], kind="stable")
@@ -289,7 +329,7 @@ def _implementation_shifts(t: pd.DataFrame) -> dict:
     return out
 
 
-def _time_verdicts(both: pd.DataFrame, threshold: float) -> tuple[pd.DataFrame, dict]:
+def _time_verdicts(both: pd.DataFrame, threshold: float, row_noise: dict[str, float]) -> tuple[pd.DataFrame, dict]:
     rows = both[(both["status_b"] == "ok") & (both["status_h"] == "ok")].sort_values("order_h")
     recs = []
     for key, r in rows.iterrows():
@@ -324,6 +364,10 @@ def _time_verdicts(both: pd.DataFrame, threshold: float) -> tuple[pd.DataFrame, 
         noise[device] = {"between_run_noise_pct": 100 * (math.exp(between) - 1),
                          "run_wide_drift_pct": 100 * (math.exp(float(np.median(lr))) - 1), "rows": len(g)}
     t["adj"] = t["log_r"] - t["drift"]
+    # A row's own run-to-run variation, where its history has one, when larger than the device's: a log
+    # ratio of two runs varies by sqrt(2) times one run's standard deviation.
+    own = np.sqrt(2) * t["key"].map(row_noise).astype(float).fillna(0.0)
+    t["between"] = np.maximum(t["between"], own)
     t["total_se"] = np.sqrt(t["se"] ** 2 + t["between"] ** 2)
     z = t["adj"] / t["total_se"].where(t["total_se"] > 0, np.inf)
     t["p"] = np.maximum(t["p_mw"], 2 * stats.norm.sf(np.abs(z)))

@@ -72,7 +72,8 @@ def nightly(spec: dict, results_dir: str | Path, *, threshold: float, timeout_s:
         base.rows = base.rows[base.rows["device_name"] == name].reset_index(drop=True)
         mine = compare.Run(head.name, head.run_id, head_rows[head_rows["device_name"] == name].reset_index(drop=True))
         try:
-            comparisons.append((name, compare.compare(base, mine, threshold)))
+            comparisons.append((name, compare.compare(base, mine, threshold,
+                                                      history=compare.history_for(base, mine, results_dir))))
         except UsageError as exc:  # a new torch, a new machine: exit 2; tonight's run is kept
             raise UsageError(f"{exc}; tonight's run {outcome.run_id} is kept: to make it the baseline, remove "
                              f"the entry {name!r} from {Path(results_dir) / POINTER}") from None

@@ -56,7 +56,10 @@ def simulate(runs: list[compare.Run], *, resamples: int = 2, slowdown: float = 1
             ok = runs[j].rows[runs[j].rows["status"] == "ok"]
             impl = str(rng.choice(sorted(ok["impl"].unique())))
             head = _resampled(runs[j], rng)
-            t = _time(compare.compare(base, head, threshold))
+            # The rows' own run-to-run variation from the runs outside the pair, as `compare` takes it
+            # from the results folder's earlier runs.
+            history = [runs[k] for k in range(len(runs)) if k not in (i, j)] + [runs[i]]
+            t = _time(compare.compare(base, head, threshold, history=history))
             n_rows += len(t)
             n_cmp += 1
             bad = int((t["verdict"] == "regressed").sum())
@@ -65,7 +68,7 @@ def simulate(runs: list[compare.Run], *, resamples: int = 2, slowdown: float = 1
             for v, c in t["verdict"].value_counts().items():
                 verdict_counts[v] = verdict_counts.get(v, 0) + int(c)
             slowed = _slowed(head, impl, slowdown)
-            t = _time(compare.compare(base, slowed, threshold))
+            t = _time(compare.compare(base, slowed, threshold, history=history))
             mine = t[t["impl"] == impl]
             injected_rows += len(mine)
             detected += int((mine["verdict"] == "regressed").sum())
