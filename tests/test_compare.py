@@ -260,3 +260,17 @@ def test_history_comes_from_earlier_comparable_runs(tmp_path):
     head = compare.load_run("20260103T000000Z-aaaaaa", tmp_path)
     ids = {r.run_id for r in compare.history_for(base, head, tmp_path)}
     assert ids == {"20260100T000000Z-aaaaaa", "20260101T000000Z-aaaaaa"}  # earlier, same torch; no later run
+
+
+def test_memory_seen_by_earlier_runs_is_not_a_regression():
+    """The CPU peak varies between processes too: a head above the base's whole range, but within
+    what earlier runs of that row saw, is not a regression; above all of it, it is."""
+    base = _run(_rows(n_cases=2, seed=1))
+    head = _run(_rows(n_cases=2, seed=2, mem={"fused": 16_384_000}))
+    assert set(_verdicts(compare.compare(base, head), "memory").query("impl == 'fused'")["verdict"]) == {"regressed"}
+    earlier = _run(_rows(n_cases=2, seed=3, mem={"fused": 16_384_000}))
+    m = _verdicts(compare.compare(base, head, history=[earlier, base]), "memory")
+    assert (m["verdict"] == "unchanged").all()
+    bigger = _run(_rows(n_cases=2, seed=2, mem={"fused": 24_576_000}))
+    m = _verdicts(compare.compare(base, bigger, history=[earlier, base]), "memory")
+    assert set(m.query("impl == 'fused'")["verdict"]) == {"regressed"}
