@@ -12,16 +12,19 @@ time: the ratio of medians head/base, with a bootstrap CI and a Mann-Whitney tes
     same cases; a burst that slowed every neighbour does not. A change shared by every row of the run
     (the machine, or code every row runs) is reported once, as the run-wide drift, not per row;
   - what remains between runs is estimated from the comparison itself (a robust spread of the
-    drift-corrected log-ratios, less the within-run part) and added to each row's within-run
+    drift-corrected log-ratios, less the within-run part), or from the row's own history where that
+    varies more (earlier comparable runs, history_for), and added to each row's within-run
     variance: a row is significant only when its change stands out from both;
   - p = max(Mann-Whitney p, between-run p): the samples must differ and the change must exceed the
     between-run noise; then false-discovery control over every time row of the comparison
     (scipy.stats.false_discovery_control), so a 400-row comparison of unchanged code stays quiet;
   - regressed / improved: significant, and beyond the threshold; unchanged: the whole interval
-    (within-run and between-run noise) inside the threshold; inconclusive: neither.
+    (within-run and between-run noise) inside the threshold; inconclusive: neither;
+  - per implementation, its rows' changes against the other implementations' (_implementation_shifts):
+    a slower implementation's rows beyond the threshold are regressed even where each alone drowns.
   Lower is better for time and memory and errors; higher for bandwidth (which follows time here).
 memory: extra bytes growing by more than the threshold and more than one allocator block, beyond the
-  base's range over its repeated calls: regressed.
+  base's range over its repeated calls and what earlier runs of the row saw: regressed.
 accuracy: accuracy_ok turning false, or the worst-row error growing more than 2x: regressed.
 status: ok turning into error/oom/timeout/crash (or unsupported): regressed; rows in one run only are
   `added` or `missing`.
