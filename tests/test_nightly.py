@@ -1,9 +1,7 @@
-"""`lossbench nightly`: three real nights (no baseline, clean, slower) and a fourth with a wrong
-gradient; the flow's other exits on synthetic runs.
+"""`lossbench nightly`: three real nights (no baseline, clean, a wrong gradient); a slower night and
+the flow's other exits on synthetic runs.
 
-The real nights use a 0.2 s budget: with the 5 samples of a tiny budget, a Mann-Whitney test cannot
-go below p = 0.008, which false-discovery control over the comparison's rows does not let through
-(such rows are `inconclusive`, with the advice to raise --budget)."""
+"""
 import json
 from pathlib import Path
 
@@ -16,7 +14,7 @@ from test_compare import _rows
 
 PLUGIN = str(Path(__file__).with_name("adjustable_impl.py"))
 SELECTION = ["--family", "ce", "--impl", "torch_module,torch_functional,torch_composed,adjustable",
-             "--shape", "256x300", "--dtype", "float32", "--mode", "fwd_bwd", "--budget", "0.2", "--device", "cpu",
+             "--shape", "256x300", "--dtype", "float32", "--mode", "fwd_bwd", "--budget", "0.05", "--device", "cpu",
              "--plugin", PLUGIN]
 
 
@@ -25,9 +23,13 @@ def _pointer(results):
     return entry["run_id"]
 
 
-def test_three_nights_then_a_wrong_gradient(tmp_path, monkeypatch, capsys):
+def test_three_real_nights(tmp_path, monkeypatch, capsys):
+    """No baseline (4), clean (0, the baseline moves), a wrong gradient (1, the baseline stays). The
+    exit-1 night is an accuracy regression: deterministic, where a timing one depends on how loaded
+    the machine is (on a host loaded enough, between-run noise hides even a 3x slowdown, and the
+    verdict is rightly inconclusive). The slowdown nights are test_a_slower_night_* below."""
     results = tmp_path / "results"
-    argv = ["nightly", *SELECTION, "--results", str(results), "--threshold", "30"]
+    argv = ["nightly", *SELECTION, "--results", str(results), "--threshold", "50"]
     assert main(argv) == 4  # no baseline yet: this run becomes it
     first = _pointer(results)
     assert main(argv) == 0  # clean: the baseline moves
@@ -35,26 +37,29 @@ def test_three_nights_then_a_wrong_gradient(tmp_path, monkeypatch, capsys):
     assert second != first
     capsys.readouterr()
 
-    monkeypatch.setenv("LOSSBENCH_TEST_SLOWDOWN", "3")
+    monkeypatch.setenv("LOSSBENCH_TEST_WRONG_GRAD", "1")
     md, js = tmp_path / "night.md", tmp_path / "night.json"
     assert main(argv + ["--markdown", str(md), "--json", str(js)]) == 1
     assert _pointer(results) == second  # a regression does not become the baseline
     out = capsys.readouterr().out
     assert "regressed" in out and "adjustable" in out and "baseline kept" in out
-    data = json.loads(js.read_text())
-    (cmp,) = data["comparisons"].values()
-    regressed = [r for r in cmp["rows"] if r["verdict"] == "regressed"]
-    assert regressed and {(r["impl"], r["metric"]) for r in regressed} == {("adjustable", "time")}
-    assert "| regressed" in md.read_text()
-
-    monkeypatch.delenv("LOSSBENCH_TEST_SLOWDOWN")
-    monkeypatch.setenv("LOSSBENCH_TEST_WRONG_GRAD", "1")
-    assert main(argv + ["--json", str(js)]) == 1
     (cmp,) = json.loads(js.read_text())["comparisons"].values()
     acc = [r for r in cmp["rows"] if r["verdict"] == "regressed" and r["metric"] == "accuracy"]
     assert acc and {r["impl"] for r in acc} == {"adjustable"}
-    assert _pointer(results) == second
-    assert len(list(results.glob("*.jsonl"))) == 4  # every night's rows kept
+    assert "| regressed" in md.read_text()
+    assert len(list(results.glob("*.jsonl"))) == 3  # every night's rows kept
+
+
+def test_a_slower_night_keeps_the_baseline(tmp_path, monkeypatch, capsys):
+    execute, _ = _fake_execute([_rows(seed=1, between=0.03), _rows(seed=2, between=0.03),
+                                _rows(seed=3, between=0.03, slow={"fused": 1.3})])
+    monkeypatch.setattr(run, "execute", execute)
+    js = tmp_path / "night.json"
+    assert [main(["nightly", "--results", str(tmp_path), "--json", str(js)]) for _ in range(3)] == [4, 0, 1]
+    assert _pointer(tmp_path) == "night1"
+    (cmp,) = json.loads(js.read_text())["comparisons"].values()
+    assert {r["impl"] for r in cmp["rows"] if r["verdict"] == "regressed"} == {"fused"}
+    assert "fused: slower" in capsys.readouterr().out
 
 
 # --- the flow on synthetic runs -----------------------------------------------------------------------
