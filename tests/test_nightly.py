@@ -1,7 +1,5 @@
 """`lossbench nightly`: three real nights (no baseline, clean, a wrong gradient); a slower night and
-the flow's other exits on synthetic runs.
-
-"""
+the flow's other exits on synthetic runs."""
 import json
 from pathlib import Path
 
