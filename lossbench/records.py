@@ -17,7 +17,7 @@ PROVENANCE = ["run_id", "timestamp", "git_sha", "host", "device", "device_name",
               "triton_version", "cuda_version", "threads", "copy_gbps"]
 CASE = ["family", "impl", "n", "c", "h", "dtype", "mode", "options", "input_dist", "label"]
 TIME = ["time_median_ms", "time_p20_ms", "time_p80_ms", "time_ci_low_ms", "time_ci_high_ms", "samples",
-        "converged", "compile_ms", "raw_ms"]
+        "converged", "compile_ms", "raw_ms", "evict_ms"]
 BANDWIDTH = ["gbps", "pct_peak_bw"]
 MEMORY = ["peak_mem_bytes", "extra_mem_bytes", "min_mem_bytes", "reserved_mem_bytes", "extra_mem_max_bytes"]
 ACCURACY = ["loss_rel_err", "grad_rel_err", "grad_row_err_max", "grad_max_abs_err", "err_vs_floor",

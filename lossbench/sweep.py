@@ -191,6 +191,7 @@ class UnitRunner:
                 compile_ms = max(result.first_call_ms - steady, 0.0)
             self._emit(emit, case, impl, [mode], status="ok", error=None, compile_ms=compile_ms,
                        converged=timing.converged, raw_ms=[round(s, 6) for s in timing.samples_ms],
+                       evict_ms=[round(s, 6) for s in timing.evict_ms],
                        **summary, **bw_fields, **mem_fields, **fields)
 
     def _bandwidth(self, case: Case, st: _CaseState, mode: str, median_ms: float) -> dict[str, Any]:

@@ -34,6 +34,7 @@ def test_small_run_writes_complete_rows(tmp_path, capsys):
     assert list(df.columns[: len(COLUMNS)]) == COLUMNS
     assert (df["samples"] >= 5).all()
     assert df["raw_ms"].map(len).equals(df["samples"])
+    assert df["evict_ms"].map(len).equals(df["samples"])  # one eviction time per sample (cold cache)
     assert (df["time_ci_low_ms"] <= df["time_median_ms"]).all()
     assert (df["time_median_ms"] <= df["time_ci_high_ms"]).all()
     assert df["accuracy_ok"].all()

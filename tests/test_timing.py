@@ -244,3 +244,13 @@ def test_cpu_samples_start_from_a_cold_cache():
         cold = median_of(time_callable(lambda: x.sum(), budget_s=0.2))
         ratios.append(cold / warm)
     assert max(ratios) > 1.5  # 1.6-4x seen here; without eviction the ratio is 1
+
+
+def test_every_sample_carries_its_eviction_time():
+    """The eviction before each sample is timed apart (untimed for the sample): one positive time per
+    sample, none without cold_cache, and the sample itself does not include it."""
+    fn = LoggedSpin(2.0)
+    cold = time_callable(fn, budget_s=0.1)
+    assert len(cold.evict_ms) == len(cold.samples_ms) and min(cold.evict_ms) > 0
+    assert median_of(cold) == pytest.approx(np.median(fn.sampled_ms(cold)), rel=0.1)
+    assert time_callable(fn, budget_s=0.05, cold_cache=False).evict_ms == []

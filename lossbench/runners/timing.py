@@ -11,7 +11,7 @@ import contextlib
 import gc
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,6 +30,11 @@ class TimingResult:
     samples_ms: list[float]  # raw timed samples, milliseconds, in order
     first_call_ms: float  # the very first (warm-up) call; includes torch.compile compilation
     converged: bool  # the CI criterion was met (False: budget or max_samples ran out first)
+    # Per sample, how long the untimed cache eviction just before it took (empty without cold_cache):
+    # a fixed read of 2x the LLC (CPU) or a fill of 4x the L2 (CUDA), so the machine's memory speed
+    # at that moment. On a shared host it drifts by 15-20% within seconds and slows every memory-bound
+    # sample with it; `lossbench compare` adjusts each row's change for it (report/compare.py).
+    evict_ms: list[float] = field(default_factory=list)
 
     def summary(self) -> dict:
         """summarize() fields plus first_call_ms and converged, ready for a results row."""
@@ -132,6 +137,7 @@ def time_callable(
                 first_call_ms = (time.perf_counter() - t0) * 1e3
 
         samples: list[float] = []
+        evict: list[float] = []
         converged = False
         next_check = min_samples
         gc_was_enabled = gc.isenabled()
@@ -142,7 +148,10 @@ def time_callable(
                 if setup is not None:
                     setup()
                 if cold_cache:
+                    t0 = time.perf_counter()
                     flush_caches(device)
+                    synchronize(device)
+                    evict.append((time.perf_counter() - t0) * 1e3)
                 samples.append(sample())
                 n = len(samples)
                 if n < min_samples:
@@ -157,4 +166,4 @@ def time_callable(
         finally:
             if gc_was_enabled:
                 gc.enable()
-    return TimingResult(samples_ms=samples, first_call_ms=first_call_ms, converged=converged)
+    return TimingResult(samples_ms=samples, first_call_ms=first_call_ms, converged=converged, evict_ms=evict)
