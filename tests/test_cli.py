@@ -109,7 +109,7 @@ def test_list_and_report(tmp_path, capsys):
         assert name in listing
     assert _run(tmp_path, "--family", "nll", "--impl", "torch_functional,torch_composed") == 0
     capsys.readouterr()
-    assert main(["report", str(tmp_path)]) == 0
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "report")]) == 0
     assert "torch_composed" in capsys.readouterr().out
 
 

@@ -274,3 +274,54 @@ def test_memory_seen_by_earlier_runs_is_not_a_regression():
     bigger = _run(_rows(n_cases=2, seed=2, mem={"fused": 24_576_000}))
     m = _verdicts(compare.compare(base, bigger, history=[earlier, base]), "memory")
     assert set(m.query("impl == 'fused'")["verdict"]) == {"regressed"}
+
+
+def _paced_rows(seed, machine=None, slow=None, within=0.01):
+    """Rows with eviction times: `machine` {row position: factor} slows a row's samples and its
+    evictions alike (the host got slower while it was measured); `slow` {position: factor} slows the
+    samples only (the code got slower)."""
+    rows = _rows(seed=seed, within=within, between=0.0)
+    rng = np.random.default_rng(seed + 100)
+    for pos, r in enumerate(rows):
+        m = (machine or {}).get(pos, 1.0)
+        evict = 12.0 * m * np.exp(rng.normal(0, 0.01, len(r["raw_ms"])))
+        r["raw_ms"] = [x * m * (slow or {}).get(pos, 1.0) for x in r["raw_ms"]]
+        r["evict_ms"] = evict.tolist()
+        r["time_median_ms"] = float(np.median(r["raw_ms"]))
+    return rows
+
+
+def test_a_row_measured_while_the_host_slowed_is_paced_by_its_evictions(monkeypatch):
+    """Row 52 measured while the host ran 40% slower (its evictions too): compared in units of its
+    evictions it is unchanged; compared raw (PACE off) it is a false alarm. A row whose code got 40%
+    slower (evictions as usual) is still regressed: pacing does not hide a real change."""
+    base = _run(_paced_rows(1))
+    head = _run(_paced_rows(2, machine={52: 1.4}, slow={117: 1.4}))
+    t = _verdicts(compare.compare(base, head)).reset_index(drop=True)
+    reg = t[t["verdict"] == "regressed"]
+    assert list(reg["case"]) == [head.rows["label"][117]] and list(reg["impl"]) == [head.rows["impl"][117]]
+    monkeypatch.setattr(compare, "PACE", False)
+    t = _verdicts(compare.compare(base, head))
+    assert head.rows["label"][52] in set(t[t["verdict"] == "regressed"]["case"])
+
+
+def test_only_rows_paced_in_both_runs_are_paced():
+    """A base without eviction times (an older run) is compared raw: no row mixes units."""
+    base_rows = _paced_rows(1)
+    for r in base_rows:
+        r.pop("evict_ms")
+    t = _verdicts(compare.compare(_run(base_rows), _run(_paced_rows(2))))
+    assert (t["verdict"] != "regressed").all() and t["change"].between(0.9, 1.1).all()
+
+
+def test_an_implementation_moved_alike_on_every_row_carries_each_row(monkeypatch):
+    """10% slower on all 40 rows, each row with 4% run-to-run noise: a row's own change is often under
+    the 5% threshold, the implementation's is not. With each row judged on its own change (no
+    shrinkage to the implementation's), a third of the rows are missed."""
+    base = _run(_rows(seed=31, within=0.01, between=0.04))
+    head = _run(_rows(seed=32, within=0.01, between=0.04, slow={"fused": 1.10}))
+    reg = _verdicts(compare.compare(base, head)).query("verdict == 'regressed'")
+    assert set(reg["impl"]) == {"fused"} and len(reg) == 40
+    monkeypatch.setattr(compare, "_shrunk", lambda x, g: float(x["adj"]))
+    own = _verdicts(compare.compare(base, head)).query("verdict == 'regressed'")
+    assert len(reg) > len(own) + 5, (len(reg), len(own))

@@ -65,6 +65,7 @@ MIN_GROUP_ROWS = 4            # rows an implementation (and the others) need for
 MIN_HISTORY = 3               # earlier runs a row needs for its own run-to-run variation
 MIN_GROUPS_FOR_NOISE = 5      # implementations needed to estimate their between-run noise (else DEFAULT_NOISE)
 VERSIONS = tuple(f for f in COMPARABLE if f != "git_sha")  # what must match; the code may differ
+PACE = True                   # CPU time rows are compared in units of their eviction times (_paced)
 
 
 @dataclass
@@ -124,17 +125,22 @@ def _norm(v):
 
 
 # --- the comparison -----------------------------------------------------------------------------------
-def row_history_noise(runs: list[Run]) -> dict[str, float]:
-    """Per row key, the standard deviation of the log of its median over earlier runs (at least
-    MIN_HISTORY of them): a row that varies from run to run more than the device's typical row is
-    judged against its own variation. A real change among those runs makes it larger: more cautious."""
-    logs: dict[str, list[float]] = {}
+def row_history_noise(runs: list[Run]) -> dict[tuple[str, bool], float]:
+    """Per (row key, paced), the standard deviation of the log of the row's median over earlier runs (at
+    least MIN_HISTORY of them), in the units the comparison uses: eviction-paced (_paced) or raw ms. A
+    row that varies from run to run more than the device's typical row is judged against its own
+    variation. A real change among those runs makes it larger: more cautious."""
+    logs: dict[tuple[str, bool], list[float]] = {}
     for r in runs:
         ok = _keyed(r.rows)
         ok = ok[(ok["status"] == "ok") & ok["time_median_ms"].notna()]
-        for key, m in ok["time_median_ms"].items():
+        for key, m, raw, evict in zip(ok.index, ok["time_median_ms"], ok["raw_ms"],
+                                      ok.get("evict_ms", pd.Series(None, index=ok.index))):
             if m > 0:
-                logs.setdefault(key, []).append(math.log(m))
+                logs.setdefault((key, False), []).append(math.log(m))
+            paced = _paced(raw, evict)
+            if paced is not None:
+                logs.setdefault((key, True), []).append(math.log(float(np.median(paced))))
     return {k: float(np.std(v, ddof=1)) for k, v in logs.items() if len(v) >= MIN_HISTORY}
 
 
@@ -292,6 +298,20 @@ def _samples(v) -> np.ndarray:
     return a[np.isfinite(a)]
 
 
+def _paced(raw, evict) -> np.ndarray | None:
+    """A CPU row's samples in units of the cache eviction timed just before each (records.evict_ms), or
+    None where the row has no eviction times. On this shared 2-core host the machine's speed drifts by
+    15-20% within seconds and by 20% between processes, slowing every sample alike: the eviction, a
+    fixed 64 MiB read, slows with it. Five nightly runs of the same code: a row's median varied by 22%
+    between runs (median row); each sample divided by its eviction, by 7.6%. A slope fitted per row
+    (log time on log eviction) did worse (14%): the eviction's own jitter flattens it. On CUDA the
+    eviction is timed from the host (launch and synchronisation jitter), so GPU rows stay raw."""
+    t, e = _samples(raw), _samples(evict)
+    if len(t) == 0 or len(t) != len(e) or (e <= 0).any():
+        return None
+    return t / e
+
+
 def _ratio_ci(a: np.ndarray, b: np.ndarray, seed: int) -> tuple[float, float]:
     """Percentile bootstrap CI of median(b) / median(a), the runs resampled independently (BCa needs
     more samples than a small row has and fails on ties)."""
@@ -301,15 +321,18 @@ def _ratio_ci(a: np.ndarray, b: np.ndarray, seed: int) -> tuple[float, float]:
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def _local_drift(lr: np.ndarray, sides: bool = True) -> np.ndarray:
+def _local_drift(lr: np.ndarray, impls: np.ndarray, sides: bool = True) -> np.ndarray:
     """Per row, the shift its neighbours in measurement order share: the median log-ratio of the
-    DRIFT_WINDOW rows before it, of those after it, or of both, whichever is closest to the row's
-    own. One side is needed at a burst's edge (the rows before it were not slowed, those after were);
-    a slower implementation's rows stay apart from either side, since its neighbours are mostly the
-    other implementations of the same cases. sides=False: both sides' median only."""
+    DRIFT_WINDOW rows of other implementations before it, of those after it, or of both, whichever
+    is closest to the row's own. One side is needed at a burst's edge (the rows before it were not
+    slowed, those after were). The row's own implementation is left out of its neighbours: a slower
+    implementation's other rows would otherwise pull the drift towards its change and hide half of it
+    (a 10% slowdown showed as 5.7%). sides=False: both sides' median only."""
     out = np.zeros(len(lr))
     for i, x in enumerate(lr):
-        before, after = lr[max(0, i - DRIFT_WINDOW): i], lr[i + 1: i + 1 + DRIFT_WINDOW]
+        others = impls != impls[i]
+        before = lr[:i][others[:i]][-DRIFT_WINDOW:]
+        after = lr[i + 1:][others[i + 1:]][:DRIFT_WINDOW]
         windows = (before, after, np.concatenate([before, after])) if sides else (np.concatenate([before, after]),)
         medians = [np.median(w) for w in windows if len(w)]
         out[i] = min(medians, key=lambda d: abs(x - d)) if medians else 0.0
@@ -329,8 +352,12 @@ def _implementation_shifts(t: pd.DataFrame) -> dict:
         if len(g) < MIN_GROUP_ROWS or len(others) < MIN_GROUP_ROWS:
             continue
         p = stats.mannwhitneyu(g["adj"], others, alternative="two-sided").pvalue
+        # How much the rows' true changes differ within the implementation (robust spread of their
+        # changes, less what their own noise explains): 0 when a commit moved every row alike.
+        spread = 1.4826 * float(np.median(np.abs(g["adj"] - np.median(g["adj"]))))
+        tau2 = max(0.0, spread**2 - float(np.median(g["total_se"] ** 2)))
         out[(device, family, impl)] = {"n": len(g), "shift": float(np.median(g["adj"]) - np.median(others)),
-                                       "p": float(p)}
+                                       "center": float(np.median(g["adj"])), "tau2": tau2, "p": float(p)}
     # Implementations move between runs of the same code too (eager ce 7% faster in one run than in
     # the other, its neighbours not): the spread of all implementations' shifts on the device (robust,
     # as for rows) is their between-run noise, and an implementation must stand out from it as well.
@@ -349,18 +376,33 @@ def _implementation_shifts(t: pd.DataFrame) -> dict:
     return out
 
 
-def _time_verdicts(both: pd.DataFrame, threshold: float, row_noise: dict[str, float]) -> tuple[pd.DataFrame, dict]:
+def _shrunk(x: pd.Series, g: dict) -> float:
+    """The row's change, given that its implementation moved (empirical Bayes): its own change and its
+    implementation's, weighted by their precision. A commit that slows a kernel on every case moves all
+    its rows alike (tau2 ~ 0): each row's estimate is the implementation's, which 30 rows pin down far
+    better than one row's 10% run-to-run noise can. A row that moved unlike the others keeps its own."""
+    w = g["tau2"] / (g["tau2"] + x["total_se"] ** 2) if g["tau2"] + x["total_se"] ** 2 > 0 else 1.0
+    return float(w * x["adj"] + (1 - w) * g["center"])
+
+
+def _time_verdicts(both: pd.DataFrame, threshold: float,
+                   row_noise: dict[tuple[str, bool], float]) -> tuple[pd.DataFrame, dict]:
     rows = both[(both["status_b"] == "ok") & (both["status_h"] == "ok")].sort_values("order_h")
     recs = []
     for key, r in rows.iterrows():
         a, b = _samples(r["raw_ms_b"]), _samples(r["raw_ms_h"])
+        paced = False
+        if PACE and str(r["device_h"]).startswith("cpu"):
+            pa, pb = _paced(r.get("raw_ms_b"), r.get("evict_ms_b")), _paced(r.get("raw_ms_h"), r.get("evict_ms_h"))
+            if pa is not None and pb is not None:  # both runs paced, or neither: never one of each
+                a, b, paced = pa, pb, True
         if len(a) < 2 or len(b) < 2:
             continue
         low, high = _ratio_ci(a, b, seed=zlib.crc32(key.encode()))  # reproducible, per row
         recs.append({"key": key, "device": r["device_h"], "family": r["family_h"], "impl": r["impl_h"],
                      "order": r["order_h"], "r": np.median(b) / np.median(a),
                      "low": low, "high": high, "p_mw": stats.mannwhitneyu(a, b, alternative="two-sided").pvalue,
-                     "row": r})
+                     "paced": paced, "row": r})
     if not recs:
         return pd.DataFrame(), {}
     t = pd.DataFrame(recs)
@@ -370,12 +412,13 @@ def _time_verdicts(both: pd.DataFrame, threshold: float, row_noise: dict[str, fl
     noise = {}
     for device, g in t.groupby("device"):
         lr = g["log_r"].to_numpy()
-        drift = _local_drift(lr)
+        impls = g["impl"].to_numpy()
+        drift = _local_drift(lr, impls)
         if len(g) >= MIN_ROWS_FOR_NOISE:
             # From the rows' distance to both sides' median: choosing the closer side (drift) would
             # shrink the spread of unchanged rows too, and the noise with it. Robust (median of
             # absolute values): the regressed rows are a minority, a burst's edges a few rows.
-            spread = 1.4826 * np.median(np.abs(lr - _local_drift(lr, sides=False)))
+            spread = 1.4826 * np.median(np.abs(lr - _local_drift(lr, impls, sides=False)))
             between = math.sqrt(max(0.0, spread**2 - float(np.median(g["se"] ** 2))))
         else:
             between = DEFAULT_NOISE
@@ -386,7 +429,7 @@ def _time_verdicts(both: pd.DataFrame, threshold: float, row_noise: dict[str, fl
     t["adj"] = t["log_r"] - t["drift"]
     # A row's own run-to-run variation, where its history has one, when larger than the device's: a log
     # ratio of two runs varies by sqrt(2) times one run's standard deviation.
-    own = np.sqrt(2) * t["key"].map(row_noise).astype(float).fillna(0.0)
+    own = np.sqrt(2) * pd.Series([row_noise.get((k, p), 0.0) for k, p in zip(t["key"], t["paced"])], index=t.index)
     t["between"] = np.maximum(t["between"], own)
     t["total_se"] = np.sqrt(t["se"] ** 2 + t["between"] ** 2)
     z = t["adj"] / t["total_se"].where(t["total_se"] > 0, np.inf)
@@ -403,8 +446,8 @@ def _time_verdicts(both: pd.DataFrame, threshold: float, row_noise: dict[str, fl
             v = "regressed"
         elif x["q"] < ALPHA and x["adj"] < -bound:
             v = "improved"
-        elif g and g["q"] < ALPHA and abs(g["shift"]) > bound and abs(x["adj"]) > bound \
-                and np.sign(x["adj"]) == np.sign(g["shift"]):
+        elif g and g["q"] < ALPHA and abs(g["shift"]) > bound and abs(_shrunk(x, g)) > bound \
+                and np.sign(_shrunk(x, g)) == np.sign(g["shift"]):
             v = "regressed" if g["shift"] > 0 else "improved"
             note = (f"with its implementation: {g['n']} rows x{math.exp(g['shift']):.3g} against the other "
                     f"implementations' (Mann-Whitney q={g['q']:.2g})")

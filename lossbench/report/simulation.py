@@ -8,9 +8,10 @@ RUN: run ids under --results, or run files, of the same suite and the same code 
 For every pair of runs (base, head), K times: every row's samples are resampled with replacement
 (within-run noise on top of the real between-run noise), then
 - unchanged: the pair is compared as it is. Any `regressed` time verdict is a false alarm;
-- injected: one implementation, drawn at random, has every head sample of every row multiplied by
-  the slowdown (a kernel commit slows one implementation, on all its cases). Its rows' `regressed`
-  verdicts are detections.
+- injected (--scope implementation, the default): one implementation, drawn at random, has every head
+  sample of every row multiplied by the slowdown (a kernel commit slows one implementation, on all its
+  cases). Its rows' `regressed` verdicts are detections;
+- injected (--scope row): one row, drawn at random, is slowed alone (a change to one code path).
 Prints the false-alarm rate per row, the share of comparisons with any false alarm, and the
 detection rate, at compare's default threshold (or --threshold).
 """
@@ -30,21 +31,30 @@ from . import compare
 MIN_RUNS = 5
 
 
-def _resampled(run: compare.Run, rng: np.random.Generator, factor: dict[str, float] | None = None) -> compare.Run:
+def _resampled(run: compare.Run, rng: np.random.Generator) -> compare.Run:
+    """Every row's samples drawn with replacement; a sample keeps its eviction time (evict_ms)."""
     rows = run.rows.copy()
-    raw = []
-    for impl, samples in zip(rows["impl"], rows["raw_ms"]):
+    raw, evict = [], []
+    has_evict = "evict_ms" in rows
+    for i, samples in enumerate(rows["raw_ms"]):
         a = np.asarray(samples if isinstance(samples, list) else [], dtype=float)
-        if len(a):
-            a = rng.choice(a, size=len(a), replace=True) * (factor or {}).get(impl, 1.0)
-        raw.append(a.tolist())
+        e = rows["evict_ms"].iloc[i] if has_evict else None
+        e = np.asarray(e, dtype=float) if isinstance(e, list) and len(e) == len(a) else None
+        pick = rng.integers(0, len(a), size=len(a)) if len(a) else np.zeros(0, dtype=int)
+        raw.append(a[pick].tolist())
+        evict.append(e[pick].tolist() if e is not None else None)
     rows["raw_ms"] = raw
+    if has_evict:
+        rows["evict_ms"] = evict
     rows["time_median_ms"] = [float(np.median(a)) if len(a) else None for a in raw]
     return compare.Run(run.name, run.run_id, rows)
 
 
+IDENT = ["device", "family", "impl", "case", "dtype", "mode"]  # a time verdict's row, as compare names it
+
+
 def simulate(runs: list[compare.Run], *, resamples: int = 2, slowdown: float = 1.10, threshold: float = 0.05,
-             seed: int = 0, progress=None) -> dict:
+             seed: int = 0, scope: str = "implementation", progress=None) -> dict:
     rng = np.random.default_rng(seed)
     pairs = list(itertools.permutations(range(len(runs)), 2))
     alarms_rows = alarms_cmp = n_rows = n_cmp = 0
@@ -54,7 +64,11 @@ def simulate(runs: list[compare.Run], *, resamples: int = 2, slowdown: float = 1
         for _ in range(resamples):
             base = _resampled(runs[i], rng)
             ok = runs[j].rows[runs[j].rows["status"] == "ok"]
-            impl = str(rng.choice(sorted(ok["impl"].unique())))
+            if scope == "implementation":
+                impl = str(rng.choice(sorted(ok["impl"].unique())))
+                mask = runs[j].rows["impl"] == impl
+            else:
+                mask = runs[j].rows.index == rng.choice(ok.index)
             head = _resampled(runs[j], rng)
             # The rows' own run-to-run variation from the runs outside the pair, as `compare` takes it
             # from the results folder's earlier runs.
@@ -67,16 +81,17 @@ def simulate(runs: list[compare.Run], *, resamples: int = 2, slowdown: float = 1
             alarms_cmp += bad > 0
             for v, c in t["verdict"].value_counts().items():
                 verdict_counts[v] = verdict_counts.get(v, 0) + int(c)
-            slowed = _slowed(head, impl, slowdown)
+            slowed = _slowed(head, mask, slowdown)
             t = _time(compare.compare(base, slowed, threshold, history=history))
-            mine = t[t["impl"] == impl]
+            hit = head.rows.loc[mask].rename(columns={"label": "case"})[IDENT].astype(str).agg("|".join, axis=1)
+            mine = t[t[IDENT].astype(str).agg("|".join, axis=1).isin(set(hit))]
             injected_rows += len(mine)
             detected += int((mine["verdict"] == "regressed").sum())
         if progress:
             progress(k + 1, len(pairs))
     return {
         "runs": [r.run_id for r in runs], "pairs": len(pairs), "resamples": resamples, "threshold_pct": threshold * 100,
-        "slowdown": slowdown, "comparisons": n_cmp, "time_rows_compared": n_rows,
+        "slowdown": slowdown, "scope": scope, "comparisons": n_cmp, "time_rows_compared": n_rows,
         "false_alarm_rows_pct": 100 * alarms_rows / max(n_rows, 1),
         "comparisons_with_a_false_alarm_pct": 100 * alarms_cmp / max(n_cmp, 1),
         "unchanged_verdicts_pct": {v: 100 * c / max(n_rows, 1) for v, c in sorted(verdict_counts.items())},
@@ -89,9 +104,11 @@ def _time(cmp: compare.Comparison) -> pd.DataFrame:
     return v[v["metric"] == "time"]
 
 
-def _slowed(run: compare.Run, impl: str, factor: float) -> compare.Run:
+def _slowed(run: compare.Run, mask: pd.Series, factor: float) -> compare.Run:
+    """The rows under mask with every timed sample multiplied by factor (their evictions unchanged: a
+    slower kernel does not slow the machine)."""
     rows = run.rows.copy()
-    mine = rows["impl"] == impl
+    mine = np.asarray(mask, dtype=bool)
     rows.loc[mine, "raw_ms"] = pd.Series([[x * factor for x in a] for a in rows.loc[mine, "raw_ms"]],
                                          index=rows.index[mine], dtype=object)
     rows.loc[mine, "time_median_ms"] = rows.loc[mine, "time_median_ms"] * factor
@@ -106,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slowdown", type=float, default=1.10)
     p.add_argument("--threshold", type=float, default=5.0, metavar="PCT")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scope", choices=("implementation", "row"), default="implementation",
+                   help="slow one implementation on all its rows (a kernel commit), or one row alone")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
     try:
@@ -117,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             if diff:
                 raise UsageError(f"runs are not comparable: {diff}")
         out = simulate(runs, resamples=args.resamples, slowdown=args.slowdown,
-                       threshold=compare.threshold_from_pct(args.threshold), seed=args.seed,
+                       threshold=compare.threshold_from_pct(args.threshold), seed=args.seed, scope=args.scope,
                        progress=lambda k, n: print(f"pair {k}/{n}", file=sys.stderr))
     except UsageError as exc:
         print(f"simulation: error: {exc}", file=sys.stderr)
