@@ -125,23 +125,47 @@ def _norm(v):
 
 
 # --- the comparison -----------------------------------------------------------------------------------
-def row_history_noise(runs: list[Run]) -> dict[tuple[str, bool], float]:
-    """Per (row key, paced), the standard deviation of the log of the row's median over earlier runs (at
-    least MIN_HISTORY of them), in the units the comparison uses: eviction-paced (_paced) or raw ms. A
-    row that varies from run to run more than the device's typical row is judged against its own
-    variation. A real change among those runs makes it larger: more cautious."""
-    logs: dict[tuple[str, bool], list[float]] = {}
-    for r in runs:
+def _history_logs(runs: list[Run]) -> dict[tuple[str, bool], dict[int, float]]:
+    """Per (row key, paced), the log of the row's median in each earlier run, in the units the
+    comparison uses: eviction-paced (_paced) or raw ms."""
+    logs: dict[tuple[str, bool], dict[int, float]] = {}
+    for i, r in enumerate(runs):
         ok = _keyed(r.rows)
         ok = ok[(ok["status"] == "ok") & ok["time_median_ms"].notna()]
         for key, m, raw, evict in zip(ok.index, ok["time_median_ms"], ok["raw_ms"],
                                       ok.get("evict_ms", pd.Series(None, index=ok.index))):
             if m > 0:
-                logs.setdefault((key, False), []).append(math.log(m))
+                logs.setdefault((key, False), {})[i] = math.log(m)
             paced = _paced(raw, evict)
             if paced is not None:
-                logs.setdefault((key, True), []).append(math.log(float(np.median(paced))))
-    return {k: float(np.std(v, ddof=1)) for k, v in logs.items() if len(v) >= MIN_HISTORY}
+                logs.setdefault((key, True), {})[i] = math.log(float(np.median(paced)))
+    return logs
+
+
+def row_history_noise(runs: list[Run]) -> dict[tuple[str, bool], float]:
+    """Per (row key, paced), the standard deviation of the log of the row's median over earlier runs (at
+    least MIN_HISTORY of them). A row that varies from run to run more than the device's typical row is
+    judged against its own variation. A real change among those runs makes it larger: more cautious."""
+    return {k: float(np.std(list(v.values()), ddof=1)) for k, v in _history_logs(runs).items()
+            if len(v) >= MIN_HISTORY}
+
+
+def implementation_history_noise(runs: list[Run]) -> dict[tuple[str, str, str, bool], float]:
+    """Per (device, family, implementation, paced), how much the implementation as a whole moved between
+    earlier runs of the rows: per run, the median over its rows of each row's departure from the row's
+    mean over the runs; their standard deviation. Whole implementations move between processes of the
+    same code (five nightly runs: torch_compile's ce rows 12% slower together in one, fused's in another),
+    by more than the spread of the other implementations' shifts in one comparison shows."""
+    per_run: dict[tuple, dict[int, list[float]]] = {}
+    for (key, paced), v in _history_logs(runs).items():
+        if len(v) < MIN_HISTORY:
+            continue
+        device, family, impl = json.loads(key)[:3]
+        mean = float(np.mean(list(v.values())))
+        for i, x in v.items():
+            per_run.setdefault((device, family, impl, paced), {}).setdefault(i, []).append(x - mean)
+    return {g: float(np.std([np.median(d) for d in runs_.values()], ddof=1))
+            for g, runs_ in per_run.items() if len(runs_) >= MIN_HISTORY}
 
 
 def history_for(base: Run, head: Run, results_dir: str | Path, limit: int = 10) -> list[Run]:
@@ -186,7 +210,8 @@ def compare(base: Run, head: Run, threshold: float = 0.05, force: bool = False,
         out += _status_verdict(r)
         if r["status_b"] == "ok" and r["status_h"] == "ok":
             out += _memory_verdict(r, threshold, mem_seen.get(key)) + _accuracy_verdict(r)
-    time_df, noise = _time_verdicts(both, threshold, row_history_noise(history or []))
+    time_df, noise = _time_verdicts(both, threshold, row_history_noise(history or []),
+                                    implementation_history_noise(history or []))
     verdicts = pd.concat([pd.DataFrame(out), time_df], ignore_index=True)
     verdicts["_rank"] = verdicts["verdict"].map(VERDICTS.index)
     verdicts = verdicts.sort_values(["_rank", "severity"], ascending=[True, False], kind="stable")
@@ -339,7 +364,7 @@ def _local_drift(lr: np.ndarray, impls: np.ndarray, sides: bool = True) -> np.nd
     return out
 
 
-def _implementation_shifts(t: pd.DataFrame) -> dict:
+def _implementation_shifts(t: pd.DataFrame, impl_noise: dict | None = None) -> dict:
     """Per (device, family, implementation): are its rows' changes larger than the other
     implementations' in the same comparison? A kernel commit slows an implementation on many cases;
     one row's change may drown in the between-run noise while the implementation's rows together
@@ -357,7 +382,8 @@ def _implementation_shifts(t: pd.DataFrame) -> dict:
         spread = 1.4826 * float(np.median(np.abs(g["adj"] - np.median(g["adj"]))))
         tau2 = max(0.0, spread**2 - float(np.median(g["total_se"] ** 2)))
         out[(device, family, impl)] = {"n": len(g), "shift": float(np.median(g["adj"]) - np.median(others)),
-                                       "center": float(np.median(g["adj"])), "tau2": tau2, "p": float(p)}
+                                       "center": float(np.median(g["adj"])), "tau2": tau2, "p": float(p),
+                                       "paced": bool(g["paced"].all())}
     # Implementations move between runs of the same code too (eager ce 7% faster in one run than in
     # the other, its neighbours not): the spread of all implementations' shifts on the device (robust,
     # as for rows) is their between-run noise, and an implementation must stand out from it as well.
@@ -366,9 +392,12 @@ def _implementation_shifts(t: pd.DataFrame) -> dict:
         spread = 1.4826 * float(np.median(np.abs(shifts))) if len(shifts) >= MIN_GROUPS_FOR_NOISE else DEFAULT_NOISE
         for k, v in out.items():
             if k[0] == device:
-                z = abs(v["shift"]) / spread if spread > 0 else math.inf
+                # ... and from the implementation's own history, where it moved more (a shift between
+                # two runs varies by sqrt(2) times one run's deviation).
+                own = math.sqrt(2) * (impl_noise or {}).get((*k, v["paced"]), 0.0)
+                z = abs(v["shift"]) / max(spread, own) if max(spread, own) > 0 else math.inf
                 v["p"] = max(v["p"], float(2 * stats.norm.sf(z)))
-                v["between_pct"] = 100 * (math.exp(spread) - 1)
+                v["between_pct"] = 100 * (math.exp(max(spread, own)) - 1)
     if out:
         q = stats.false_discovery_control([v["p"] for v in out.values()], method="bh")
         for v, qi in zip(out.values(), q):
@@ -385,8 +414,8 @@ def _shrunk(x: pd.Series, g: dict) -> float:
     return float(w * x["adj"] + (1 - w) * g["center"])
 
 
-def _time_verdicts(both: pd.DataFrame, threshold: float,
-                   row_noise: dict[tuple[str, bool], float]) -> tuple[pd.DataFrame, dict]:
+def _time_verdicts(both: pd.DataFrame, threshold: float, row_noise: dict[tuple[str, bool], float],
+                   impl_noise: dict[tuple[str, str, str, bool], float]) -> tuple[pd.DataFrame, dict]:
     rows = both[(both["status_b"] == "ok") & (both["status_h"] == "ok")].sort_values("order_h")
     recs = []
     for key, r in rows.iterrows():
@@ -436,7 +465,7 @@ def _time_verdicts(both: pd.DataFrame, threshold: float,
     t["p"] = np.maximum(t["p_mw"], 2 * stats.norm.sf(np.abs(z)))
     t["q"] = stats.false_discovery_control(t["p"].to_numpy(), method="bh")
     bound = math.log1p(threshold)
-    groups = _implementation_shifts(t)
+    groups = _implementation_shifts(t, impl_noise)
     out = []
     for i, x in t.iterrows():
         lo, hi = x["adj"] - 1.96 * x["total_se"], x["adj"] + 1.96 * x["total_se"]
@@ -447,7 +476,8 @@ def _time_verdicts(both: pd.DataFrame, threshold: float,
         elif x["q"] < ALPHA and x["adj"] < -bound:
             v = "improved"
         elif g and g["q"] < ALPHA and abs(g["shift"]) > bound and abs(_shrunk(x, g)) > bound \
-                and np.sign(_shrunk(x, g)) == np.sign(g["shift"]):
+                and np.sign(_shrunk(x, g)) == np.sign(g["shift"]) == np.sign(x["adj"]):
+            # (the row itself moved the implementation's way: a row 20% faster is never called slower)
             v = "regressed" if g["shift"] > 0 else "improved"
             note = (f"with its implementation: {g['n']} rows x{math.exp(g['shift']):.3g} against the other "
                     f"implementations' (Mann-Whitney q={g['q']:.2g})")
