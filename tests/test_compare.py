@@ -315,16 +315,18 @@ def test_only_rows_paced_in_both_runs_are_paced():
 
 
 def test_an_implementation_moved_alike_on_every_row_carries_each_row(monkeypatch):
-    """10% slower on all 40 rows, each row with 4% run-to-run noise: a row's own change is often under
+    """10% slower on all 40 rows, each row with 4% run-to-run noise (and a quiet history: without one an
+    implementation is assumed to move by 5% between runs): a row's own change is often under
     the 5% threshold, the implementation's is not. With each row judged on its own change (no
     shrinkage to the implementation's), a third of the rows are missed. A row that did not move the
     implementation's way itself is never called (4 of 40 here)."""
     base = _run(_rows(seed=31, within=0.01, between=0.04))
     head = _run(_rows(seed=32, within=0.01, between=0.04, slow={"fused": 1.10}))
-    reg = _verdicts(compare.compare(base, head)).query("verdict == 'regressed'")
+    history = [_run(_rows(seed=s, within=0.01, between=0.04)) for s in (33, 34, 35)] + [base]
+    reg = _verdicts(compare.compare(base, head, history=history)).query("verdict == 'regressed'")
     assert set(reg["impl"]) == {"fused"} and len(reg) >= 34 and (reg["change"] > 1).all()
     monkeypatch.setattr(compare, "_shrunk", lambda x, g: float(x["adj"]))
-    own = _verdicts(compare.compare(base, head)).query("verdict == 'regressed'")
+    own = _verdicts(compare.compare(base, head, history=history)).query("verdict == 'regressed'")
     assert len(reg) > len(own) + 5, (len(reg), len(own))
 
 
@@ -341,5 +343,6 @@ def test_an_implementation_that_moved_in_earlier_runs_is_judged_by_them(monkeypa
     moving = [run(46, 0.85), run(47, 1.15), run(48, 0.9), base]
     t = _verdicts(compare.compare(base, head, history=moving))
     assert (t["verdict"] != "regressed").all()
-    monkeypatch.setattr(compare, "implementation_history_noise", lambda runs: {})
+    held_still = compare.implementation_history_noise(quiet)
+    monkeypatch.setattr(compare, "implementation_history_noise", lambda runs: held_still)
     assert compare.compare(base, head, history=moving).regressed()  # the rows' own history alone lets it through

@@ -394,7 +394,9 @@ def _implementation_shifts(t: pd.DataFrame, impl_noise: dict | None = None) -> d
             if k[0] == device:
                 # ... and from the implementation's own history, where it moved more (a shift between
                 # two runs varies by sqrt(2) times one run's deviation).
-                own = math.sqrt(2) * (impl_noise or {}).get((*k, v["paced"]), 0.0)
+                # Without that history (fewer than MIN_HISTORY runs), DEFAULT_NOISE: the median of the
+                # implementations' paced run-to-run deviation over five nightly runs here was 5%.
+                own = math.sqrt(2) * (impl_noise or {}).get((*k, v["paced"]), DEFAULT_NOISE)
                 z = abs(v["shift"]) / max(spread, own) if max(spread, own) > 0 else math.inf
                 v["p"] = max(v["p"], float(2 * stats.norm.sf(z)))
                 v["between_pct"] = 100 * (math.exp(max(spread, own)) - 1)
