@@ -63,6 +63,7 @@ DEFAULT_NOISE = 0.05          # ... which is then taken as 5% (log scale), about
 BOOTSTRAP_RESAMPLES = 2000
 MIN_GROUP_ROWS = 4            # rows an implementation (and the others) need for the implementation-wide test
 MIN_HISTORY = 3               # earlier runs a row needs for its own run-to-run variation
+ROBUST_HISTORY = 5            # from this many, that variation is a scaled MAD (one regressed night left out)
 MIN_GROUPS_FOR_NOISE = 5      # implementations needed to estimate their between-run noise (else DEFAULT_NOISE)
 VERSIONS = tuple(f for f in COMPARABLE if f != "git_sha")  # what must match; the code may differ
 PACE = True                   # CPU time rows are compared in units of their eviction times (_paced)
@@ -146,8 +147,16 @@ def row_history_noise(runs: list[Run]) -> dict[tuple[str, bool], float]:
     """Per (row key, paced), the standard deviation of the log of the row's median over earlier runs (at
     least MIN_HISTORY of them). A row that varies from run to run more than the device's typical row is
     judged against its own variation. A real change among those runs makes it larger: more cautious."""
-    return {k: float(np.std(list(v.values()), ddof=1)) for k, v in _history_logs(runs).items()
-            if len(v) >= MIN_HISTORY}
+    return {k: _spread(list(v.values())) for k, v in _history_logs(runs).items() if len(v) >= MIN_HISTORY}
+
+
+def _spread(x: list[float]) -> float:
+    """A history's run-to-run standard deviation: robust (scaled MAD) from ROBUST_HISTORY runs on, so that
+    one regressed night among them does not make every later comparison blind to the same regression;
+    the plain standard deviation below that, where a MAD is too coarse (of three runs, one is the median)."""
+    if len(x) >= ROBUST_HISTORY:
+        return float(stats.median_abs_deviation(x, scale="normal"))
+    return float(np.std(x, ddof=1))
 
 
 def implementation_history_noise(runs: list[Run]) -> dict[tuple[str, str, str, bool], float]:
@@ -164,7 +173,7 @@ def implementation_history_noise(runs: list[Run]) -> dict[tuple[str, str, str, b
         mean = float(np.mean(list(v.values())))
         for i, x in v.items():
             per_run.setdefault((device, family, impl, paced), {}).setdefault(i, []).append(x - mean)
-    return {g: float(np.std([np.median(d) for d in runs_.values()], ddof=1))
+    return {g: _spread([float(np.median(d)) for d in runs_.values()])
             for g, runs_ in per_run.items() if len(runs_) >= MIN_HISTORY}
 
 
