@@ -1,4 +1,4 @@
-"""`lossbench run | list | report | compare | nightly | kernels`: arguments in, one function per command.
+"""`lossbench run | list | report | compare | nightly | history | kernels`: arguments in, one function per command.
 
 Bad input ends in one line on stderr and exit status 2."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from rich.table import Table
 
 from . import quiet_exit, registry, run, store, suites
 from .errors import UsageError
-from .report import compare, nightly
+from .report import compare, history, nightly, run_report
 from .report.kernels import kernel_table
 from .report.table import family_tables
 
@@ -105,11 +105,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    df = store.load_results(args.path)
-    if df.empty:
-        raise UsageError(f"no result rows in {args.path!r}")
-    for table in family_tables(df):
-        _console().print(table)
+    run_report.report(args.runs, args.results, args.out, _console(), threshold_pct=args.threshold, force=args.force)
     return 0
 
 
@@ -153,6 +149,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
                           history=compare.history_for(base, head, args.results))
     compare.write(cmp, _console(), args.markdown, args.json)
     return cmp.exit_code()
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    return history.history(args.results, run.csv(args.family), run.csv(args.impl), args.out, _console())
 
 
 def _add_selection(p: argparse.ArgumentParser, suite_default: str | None = None) -> None:
@@ -211,8 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--plugin", action="append", default=[])
     lst.set_defaults(func=cmd_list)
 
-    rep = sub.add_parser("report", help="print the comparison tables of a results file or folder")
-    rep.add_argument("path")
+    rep = sub.add_parser("report", help="write an HTML + Markdown report with plots: one run, or two compared")
+    rep.add_argument("runs", nargs="*", metavar="RUN",
+                     help="run id under --results, run file, or folder (its latest run); none: the latest run "
+                          "in --results; two: a comparison (base, head)")
+    rep.add_argument("--results", default="results", help="results folder (default: results/)")
+    rep.add_argument("--out", help="report folder (default: reports/<run_id> or reports/<base>_vs_<head>)")
+    rep.add_argument("--threshold", type=float, default=5.0, metavar="PCT",
+                     help="for a comparison: smallest change that counts, in percent (default 5)")
+    rep.add_argument("--force", action="store_true",
+                     help="for a comparison: compare runs whose device, library versions or threads differ")
     rep.set_defaults(func=cmd_report)
 
     cmp = sub.add_parser("compare", help="regression verdicts between two runs: exit 0 none regressed, 1 some did, "
@@ -229,6 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_selection(nig, suite_default="nightly")
     _add_comparison_flags(nig, results_help="results folder holding the runs and baseline.json (default: results/)")
     nig.set_defaults(func=cmd_nightly)
+
+    his = sub.add_parser("history", help="every row's time, memory and accuracy over the runs in --results, and "
+                                         "the changes in them (change points): a table and an HTML/Markdown report")
+    his.add_argument("--results", default="results", help="results folder (default: results/)")
+    his.add_argument("--family", help="comma-separated: only these families")
+    his.add_argument("--impl", help="comma-separated: only these implementations")
+    his.add_argument("--out", default="reports/history", help="report folder (default: reports/history)")
+    his.set_defaults(func=cmd_history)
 
     ker = sub.add_parser("kernels", help="compile every Triton kernel variant for real GPUs (no GPU needed) and "
                                          "print registers, spills and shared memory")

@@ -155,13 +155,17 @@ def test_corrupt_and_foreign_files_do_not_hide_good_results(tmp_path, capsys):
     (out / "notes.txt").write_text("not results")
     good = next(p for p in out.glob("2*.jsonl"))
     (out / "truncated.jsonl").write_text(good.read_text()[:-40])
-    assert main(["report", str(out)]) == 0
+    # a folder's report is its latest <run_id>.jsonl: the other files are named in one warning, never reported
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
     captured = capsys.readouterr()
     warnings = captured.err.strip().splitlines()
-    assert all(w.startswith("lossbench: warning:") for w in warnings) and len(warnings) == 3
-    assert any("garbage.jsonl: not a lossbench results file" in w for w in warnings)
-    assert any("truncated.jsonl: line 2 is not a complete row" in w for w in warnings)
-    assert "torch_functional" in captured.out
+    assert len(warnings) == 1 and warnings[0].startswith("lossbench: warning:")
+    assert all(name in warnings[0] for name in ("garbage.jsonl", "other-tool.jsonl", "truncated.jsonl"))
+    assert f"latest of 1 run in {out}/: {good.stem}" in captured.out and "torch_functional" in captured.out
+    # given by name, a torn file is reported with one warning for its torn line
+    assert main(["report", str(out / "truncated.jsonl"), "--out", str(tmp_path / "report")]) == 0
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert len(warnings) == 1 and "truncated.jsonl: line 2 is not a complete row" in warnings[0]
     with pytest.warns(UserWarning):
         df = load_results(out)
     assert len(df) == 2 + 1  # the good run's rows, and the truncated copy's complete first line

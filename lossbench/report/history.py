@@ -1,0 +1,692 @@
+"""`lossbench history`: every row's trend over the runs in a results folder, and the changes in it.
+
+A series is one row (records.KEY: device, family, implementation, case, dtype, mode) over the runs of one
+comparability group (report.compare.VERSIONS: device name, torch, triton and CUDA versions, threads; the
+commit may differ, that is what the history follows). Runs are ordered by time. A series never mixes
+groups: a torch upgrade starts new series. Three metrics: time (time_median_ms, a run-level median),
+memory (extra_mem_bytes, with extra_mem_max_bytes as the run's range) and accuracy (grad_row_err_max,
+or loss_rel_err where there is no gradient).
+
+Time on the shared 2-core machine moves in bursts that slow the rows measured in the same seconds, and
+a row's median varies by ~10% between runs of the same code. So a row's time is taken relative to its
+neighbours in measurement order (the drift they share, as compare does), and the run-wide level (the
+median over a run's rows) is a series of its own: "everything got slower" is one change of the
+run-wide level, not one per row.
+
+Change points: ruptures' PELT (exact and deterministic; min_size = the persistence below) proposes
+steps on each series, in log scale and standardised by the series' noise. It only proposes: a step is
+kept when all of these hold, else it is dropped, the segments on either side merge (an outlier first,
+then the smallest effect, then the weakest evidence) and the rest are judged again:
+  - persistence (_persists): the step holds for PERSIST runs on each side, run by run (beyond the
+    minimum effect against the other side, and nearer its own side's level than the other's), and
+    still holds without the run nearest to it: a single-run outlier is never a change;
+  - minimum effect between the segments' medians: time 5% (compare's default threshold), in the
+    neighbour-relative times and in the row's own times; memory 5% and more than one allocator block
+    (compare.ALLOC_BLOCK: 1 MiB on the CPU, 512 B on CUDA), clearing the other side's range over its
+    repeated calls (extra_mem_max_bytes, as compare); accuracy more than 2x (compare.ACCURACY_GROWTH);
+  - significance given the series' noise: the difference of the segments' medians against the series'
+    run-to-run deviation (robust, from consecutive differences; at least the group's typical one;
+    Student's t with the series' degrees of freedom where its own estimate decides), p < ALPHA.
+Steps that coincide (one implementation, the same two runs, the same direction) are pooled into one
+test (Stouffer) and one line of the table, then false-discovery control (Benjamini-Hochberg at
+compare.ALPHA) runs over the pooled tests and every series without a step. On the committed runs
+(results/: 11 runs, 5 of them nightly-suite runs of one commit), no change is reported between runs of
+the same commit.
+
+The runs' raw samples (raw_ms) are not used: a pooled Mann-Whitney test of the samples on either side
+of a step, and the samples' standard error of a run's median as a noise floor, were tried; neither
+removed a false change on the committed runs, and both missed rows of the test's 20% slower
+implementation (within a run the samples are neither independent, bursts, nor well-behaved, 3x spikes).
+
+Why ruptures (1.1.10, pinned in constraints.txt): it needs only numpy and scipy, ships binary wheels
+(its manylinux cp311 wheel runs here with numpy 2.4), is deterministic (PELT is an exact segmentation, no
+permutation test to seed), and its min_size enforces the persistence rule inside the search. Its
+`Requires-Python: <3.14` is the one limit it brings. The alternatives, from their package metadata:
+  - signal-processing-algorithms 2.1.6 (MongoDB's E-Divisive): Python 3.11 only (<3.12), numpy<2,
+    gevent, structlog, setuptools<71, and a source distribution only: it does not install beside
+    numpy 2;
+  - apache-otava 0.8.0 (E-Divisive, formerly Hunter): pins numpy==2.2.0.* and scipy<1.17, and pulls
+    google-cloud-bigquery, pg8000, slack-sdk, requests, dateparser, ruamel-yaml: a service's
+    connectors around the same algorithm.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+from scipy import stats
+
+from .. import store
+from ..errors import UsageError
+from ..records import KEY
+from .compare import ACCURACY_GROWTH, ALLOC_BLOCK, ALPHA, VERSIONS
+from .page import Section, write_report
+
+PERSIST = 2                  # runs a step must hold on each side: one bad run is never a change
+TIME_EFFECT = 1.05           # compare's default threshold (5%)
+MEMORY_EFFECT = 1.05         # and more than one allocator block
+PENALTY = 2.0                # PELT penalty per change, times log(runs): BIC on the standardised series
+NOISE_FLOOR = 0.01           # log scale: a deterministic series (memory, accuracy) is not noiseless to 0
+MIN_ROWS_FOR_LEVEL = 8       # fewer timed rows in a run cannot estimate its levels (taken as 1)
+NEIGHBOURS = 6               # rows on each side that define a row's local drift (compare's DRIFT_WINDOW)
+RUN_WIDE = "run-wide"        # the implementation name of the run-wide level's series
+ERR_CLIP = (1e-30, 1e30)     # errors in log scale: exact (0) and infinite (NaN result) stay finite
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    axis: str          # the plot's y label
+    min_ratio: float   # the larger segment median over the smaller must exceed this
+
+
+METRICS = {
+    "time": Metric("time", "time / the row's median over runs", TIME_EFFECT),
+    "memory": Metric("memory", "extra memory / the row's median over runs", MEMORY_EFFECT),
+    "accuracy": Metric("accuracy", "worst-row error (loss error where no gradient)", ACCURACY_GROWTH),
+}
+
+
+@dataclass
+class Step:
+    at: int        # index of the first point after the step
+    ratio: float   # median after / median before, in the metric's units
+    p: float       # before false-discovery control
+
+
+# --- loading -----------------------------------------------------------------------------------------
+def load_runs(results_dir: str | Path) -> pd.DataFrame:
+    """Every row of every run file in the folder, with its key and measurement order; bad input (no runs, a
+    corrupt file) is a UsageError naming it."""
+    folder = Path(results_dir)
+    files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+    if not files:
+        raise UsageError(f"no runs in {str(results_dir)!r} (no <run_id>.jsonl files)")
+    return pd.concat([_load_run_file(f) for f in files], ignore_index=True)
+
+
+def _load_run_file(path: Path) -> pd.DataFrame:
+    _check_meta(path.with_suffix(".meta.json"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        df = store.load_results(path)
+    if df.empty:
+        raise UsageError(f"{path} is corrupt: no result rows")
+    for w in caught:  # a torn last line (a killed run) keeps the rows around it: say so, go on
+        warnings.warn(str(w.message), stacklevel=2)
+    df["run_id"] = df["run_id"].fillna(path.stem)
+    df["key"] = [json.dumps([_plain(v) for v in k]) for k in df[KEY].itertuples(index=False)]
+    df["order"] = np.arange(len(df))  # measurement order: a row's neighbours
+    return df.drop_duplicates(["run_id", "key"], keep="last")  # a resumed row replaces its first try
+
+
+def _check_meta(path: Path) -> None:
+    """A run's meta file, where there is one, must be a JSON object; its contents are not needed (the rows
+    carry their provenance, and early runs' meta files have no plan)."""
+    if not path.is_file():
+        return
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise UsageError(f"{path} is corrupt: not a JSON object")
+
+
+def _plain(v):
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
+def _group_label(r: pd.Series) -> str:
+    """What makes runs comparable (compare.VERSIONS), as text: one label per series group."""
+    parts = [f"{r['device']} {r['device_name']}", f"torch {r['torch_version']}"]
+    parts += [f"{name} {_plain(r[f'{name}_version'])}" for name in ("triton", "cuda") if _plain(r[f"{name}_version"])]
+    return ", ".join(parts + [f"{str(r['threads']).removesuffix('.0')} threads"])
+
+
+def with_groups(df: pd.DataFrame) -> pd.DataFrame:
+    """Adds `group` (comparability) and `pos` (the run's place in time within its group), and each run's
+    commit and time."""
+    df = df.copy()
+    for col in VERSIONS:
+        df[col] = df[col].map(_plain)
+    cols = ["device", *VERSIONS]
+    combos = df[cols].drop_duplicates()
+    combos["group"] = [_group_label(r) for _, r in combos.iterrows()]
+    df = df.merge(combos, on=cols, how="left")
+    started = df.groupby("run_id")["timestamp"].min().fillna("")
+    df["started"] = df["run_id"].map(started)
+    df["sha"] = df.groupby("run_id")["git_sha"].transform("first").fillna("?").str[:7]
+    order = df[["group", "started", "run_id"]].drop_duplicates().sort_values(["group", "started", "run_id"])
+    order["pos"] = order.groupby("group").cumcount()
+    return df.merge(order, on=["group", "started", "run_id"])
+
+
+# --- the values of each series -------------------------------------------------------------------------
+def deviations(df: pd.DataFrame) -> pd.DataFrame:
+    """The ok timed rows with `dev`: their log time minus the row's median over the runs of its group."""
+    t = df[(df["status"] == "ok") & (df["time_median_ms"] > 0)].copy()
+    t["log"] = np.log(t["time_median_ms"].astype(float))
+    t["dev"] = t["log"] - t.groupby(["group", "key"])["log"].transform("median")
+    return t
+
+
+def run_levels(dev: pd.DataFrame) -> pd.DataFrame:
+    """Per group and run, the run-wide time level (log): the median of the run's rows' deviations. A
+    change every row shares (the machine, or code every row runs) moves it; one slower implementation
+    barely does (its rows are a minority)."""
+    g = dev.groupby(["group", "device", "run_id", "pos", "sha"])["dev"]
+    levels = pd.DataFrame({"level": g.median(), "rows": g.size()}).reset_index()
+    levels.loc[levels["rows"] < MIN_ROWS_FOR_LEVEL, "level"] = np.nan
+    return levels
+
+
+def neighbour_drift(d: np.ndarray) -> np.ndarray:
+    """Per row of one run (in measurement order), the deviation its neighbours share: the median of the
+    NEIGHBOURS rows before it, of those after it, or of both, whichever is closest to its own (as
+    compare's drift). A burst on the shared machine slows the rows measured in the same seconds, not the
+    whole run; a slower implementation stands apart from its neighbours, the other implementations of
+    the same case (runs are measured case by case)."""
+    out = np.zeros(len(d))
+    for i, x in enumerate(d):
+        before, after = d[max(0, i - NEIGHBOURS): i], d[i + 1: i + 1 + NEIGHBOURS]
+        medians = [np.median(w) for w in (before, after, np.concatenate([before, after])) if len(w)]
+        out[i] = min(medians, key=lambda m: abs(x - m)) if medians else 0.0
+    return out
+
+
+def local_levels(dev: pd.DataFrame) -> pd.Series:
+    """neighbour_drift of every run with enough timed rows (0 elsewhere), indexed like dev."""
+    out = pd.Series(0.0, index=dev.index)
+    for _, g in dev.sort_values("order").groupby(["group", "run_id"]):
+        if len(g) >= MIN_ROWS_FOR_LEVEL:
+            out[g.index] = neighbour_drift(g["dev"].to_numpy())
+    return out
+
+
+def points(df: pd.DataFrame, dev: pd.DataFrame) -> pd.DataFrame:
+    """One line per (group, row key, run) of an ok row: time (relative to its neighbours' drift), memory
+    and accuracy in their units."""
+    ok = df[df["status"] == "ok"].copy()
+    ok["time"] = ok["time_median_ms"].astype(float).where(lambda t: t > 0) \
+        / np.exp(local_levels(dev).reindex(ok.index).fillna(0.0))
+    ok["memory"] = ok["extra_mem_bytes"].astype(float).clip(lower=0)  # the smallest of the repeated calls
+    ok["memory_max"] = ok["extra_mem_max_bytes"].astype(float)       # the largest (NaN in early runs)
+    # fwd rows have no gradient: their loss error, always (early runs stored a gradient error of 0 for
+    # them, which would read as a change when the column switched).
+    grad, loss = ok["grad_row_err_max"].astype(float), ok["loss_rel_err"].astype(float)
+    err = loss.where(ok["mode"] == "fwd", grad.where(grad.notna(), loss))
+    ok["accuracy"] = err.fillna(math.inf)  # an error that is NaN is a finding: infinite (as compare)
+    ok["case"] = ok["label"].fillna("")
+    return ok
+
+
+# --- change points on one series --------------------------------------------------------------------------
+def block_of(device: str, metric: str) -> float:
+    """The smallest absolute memory step that counts (an allocator block); 0 for other metrics."""
+    return float(ALLOC_BLOCK.get(str(device).split(":")[0], 4096)) if metric == "memory" else 0.0
+
+
+def signal(values: np.ndarray, metric: str, block: float = 0.0) -> np.ndarray:
+    """The series in log scale, where a ratio is a distance: memory plus one block (0 bytes stays finite),
+    errors clipped (exact and infinite stay finite)."""
+    v = np.asarray(values, dtype=float)
+    if metric == "memory":
+        return np.log(v + max(block, 1.0))
+    if metric == "accuracy":
+        return np.log(np.clip(v, *ERR_CLIP))
+    return np.log(v)
+
+
+def own_noise(sig: np.ndarray) -> float:
+    """Robust run-to-run standard deviation: from the median absolute difference of consecutive runs, so a
+    step (one large difference) and an outlier (two) barely move it."""
+    if len(sig) < 3:
+        return math.nan
+    return float(1.4826 * np.median(np.abs(np.diff(sig))) / math.sqrt(2))
+
+
+def _ratio(before: float, after: float) -> float:
+    if before > 0:
+        return after / before
+    return math.inf if after > 0 else 1.0
+
+
+def _beyond(a: float, b: float, metric: Metric, block: float) -> bool:
+    """b differs from a by more than the metric's minimum effect (ratio, and for memory one block)."""
+    lo, hi = min(a, b), max(a, b)
+    return _ratio(lo, hi) > metric.min_ratio and hi - lo > block
+
+
+@dataclass
+class _Sides:
+    """The two segments around a step. Memory runs measured a range over their repeated calls (values:
+    the smallest, upper: the largest), and a step must clear it: going up, the runs after it against the
+    highest the runs before reached; going down, the reverse. Elsewhere upper is the values."""
+    before: np.ndarray
+    after: np.ndarray
+    up: bool
+    old: float          # the level the runs after the step must clear (before's median, or its top going up)
+    new: float          # the level the runs before it must clear (after's median, or its top going down)
+    after_edge: np.ndarray    # what of each run after must clear `old` (lows going up, highs going down)
+    before_edge: np.ndarray   # what of each run before must clear `new`
+
+    @classmethod
+    def around(cls, v: "SeriesValues", lo: int, at: int, hi: int) -> "_Sides":
+        before, after = v.values[lo:at], v.values[at:hi]
+        top_b, top_a = v.upper[lo:at], v.upper[at:hi]
+        mb, ma = float(np.median(before)), float(np.median(after))
+        if ma > mb:
+            return cls(before, after, True, max(mb, float(top_b.max())), ma, after, top_b)
+        return cls(before, after, False, mb, max(ma, float(top_a.max())), top_a, before)
+
+
+def _judge(v: "SeriesValues", sig, lo, at, hi, metric: Metric, noise: float, persist: int, noise_df: float):
+    """The step at `at` between segments [lo, at) and [at, hi): a Step, or the reason it fails (rank of
+    the reason, weakness) so the weakest failure merges first."""
+    s = _Sides.around(v, lo, at, hi)
+    mb, ma = float(np.median(s.before)), float(np.median(s.after))
+    weakness = abs(math.log(max(_ratio(mb, ma), 1e-300)))
+
+    def clears(x, ref, above):
+        return _beyond(ref, x, metric, v.block) and (x > ref) == above
+
+    if not _persists(s, persist, clears):
+        return (0, 0.0)
+    if not (clears(ma, s.old, True) if s.up else clears(s.new, mb, False)):
+        return (1, weakness)
+    if v.raw is not None:  # time: the step must show in the row's own times too, not only against its neighbours
+        rb, ra = float(np.median(v.raw[lo:at])), float(np.median(v.raw[at:hi]))
+        if not clears(ra, rb, s.up):
+            return (1, weakness)
+    # Medians, not means: one outlier inside a segment must not make the step (var of a median: pi/2 / n).
+    d = float(np.median(sig[at:hi]) - np.median(sig[lo:at]))
+    se = noise * math.sqrt(math.pi / 2 * (1 / len(s.before) + 1 / len(s.after)))
+    p = float(2 * stats.t.sf(abs(d) / se, noise_df))
+    if p >= ALPHA:
+        return (2, -p)
+    return Step(at, _ratio(mb, ma), p)
+
+
+def _persists(s: _Sides, persist: int, clears) -> bool:
+    """The step holds for `persist` runs on each side, run by run: each is beyond the minimum effect against
+    the other side and nearer its own side's level than the other's (at the new level, not an excursion
+    from the old one); and it still holds without the run nearest to it on either side (not one run's
+    doing: an outlier followed by a run a little off by chance is no change)."""
+    mb, ma = float(np.median(s.before)), float(np.median(s.after))
+
+    def nearer(x, own, other):
+        return abs(math.log(max(x, 1e-300) / max(own, 1e-300))) < abs(math.log(max(x, 1e-300) / max(other, 1e-300)))
+
+    after_ok = all(clears(e, s.old, s.up) and nearer(x, ma, mb)
+                   for x, e in zip(s.after[:persist], s.after_edge[:persist]))
+    before_ok = all(clears(e, s.new, not s.up) and nearer(x, mb, ma)
+                    for x, e in zip(s.before[-persist:], s.before_edge[-persist:]))
+    if not (after_ok and before_ok) or persist < 2:
+        return after_ok and before_ok
+    return clears(float(np.median(s.after_edge[1:])), s.old, s.up) and \
+        clears(float(np.median(s.before_edge[:-1])), s.new, not s.up)
+
+
+@dataclass
+class SeriesValues:
+    values: np.ndarray               # per run, in the metric's units (time: relative to the neighbours)
+    upper: np.ndarray                # per run, the largest it measured (memory's range), else the values
+    raw: np.ndarray | None = None    # time: the row's own times, unadjusted
+    block: float = 0.0               # memory: the smallest step that counts
+
+
+def detect(sig: np.ndarray, noise: float, persist: int = PERSIST) -> list[int]:
+    """ruptures' PELT on the standardised series: the proposed steps (index of the first point after)."""
+    import ruptures  # here, not at the top: `lossbench` starts without it for every other command
+
+    n = len(sig)
+    if n < 2 * persist:
+        return []
+    z = ((sig - np.median(sig)) / noise).reshape(-1, 1)
+    algo = ruptures.Pelt(model="l2", min_size=persist, jump=1).fit(z)
+    return algo.predict(pen=PENALTY * math.log(n))[:-1]
+
+
+def find_steps(values, metric: str, noise: float, persist: int = PERSIST, block: float = 0.0,
+               upper=None, raw=None, noise_df: float = math.inf) -> list[Step]:
+    """The steps of one series (in time order) that pass persistence, minimum effect and significance,
+    with their p-values before false-discovery control. persist=1 lets a single run count (for tests).
+    noise_df: the degrees of freedom of the noise estimate (Student's t; inf: the normal)."""
+    values = np.asarray(values, dtype=float)
+    v = SeriesValues(values, values if upper is None else np.maximum(values, np.nan_to_num(upper, nan=0.0)),
+                     None if raw is None else np.asarray(raw, dtype=float), block)
+    sig = signal(values, metric, block)
+    noise = max(noise, NOISE_FLOOR)
+    bkps = detect(sig, noise, persist)
+    while bkps:
+        edges = [0, *bkps, len(values)]
+        judged = [_judge(v, sig, edges[i], b, edges[i + 2], METRICS[metric], noise, persist, noise_df)
+                  for i, b in enumerate(bkps)]
+        failed = [(j, b) for j, b in zip(judged, bkps) if not isinstance(j, Step)]
+        if not failed:
+            return judged
+        bkps.remove(min(failed)[1])  # an outlier first, then the smallest effect, then the largest p
+    return []
+
+
+# --- every series ------------------------------------------------------------------------------------
+@dataclass
+class Series:
+    metric: str
+    ident: dict          # group, device, family, impl, mode, case
+    pos: np.ndarray      # the runs' places in the group
+    run_ids: list
+    shas: list
+    values: np.ndarray
+    block: float
+    upper: np.ndarray | None = None   # memory: the largest of each run's repeated calls
+    raw: np.ndarray | None = None     # time: unadjusted
+    noise: float = math.nan
+    noise_df: float = math.inf        # the noise estimate's degrees of freedom
+
+
+def all_series(pts: pd.DataFrame, levels: pd.DataFrame) -> list[Series]:
+    """Per group: a series per row key and metric (the runs where the row was ok and measured it), and
+    the run-wide time level."""
+    out = []
+    for (group, _key), g in pts.sort_values("pos").groupby(["group", "key"], sort=False):
+        first = g.iloc[0]
+        ident = {"group": group, "device": first["device"], "family": first["family"], "impl": first["impl"],
+                 "mode": first["mode"], "case": first["case"]}
+        for metric in METRICS:
+            v = g[g[metric].notna()]
+            if len(v):
+                out.append(Series(metric, ident, v["pos"].to_numpy(), list(v["run_id"]), list(v["sha"]),
+                                  v[metric].to_numpy(float), block_of(first["device"], metric),
+                                  v["memory_max"].to_numpy(float) if metric == "memory" else None,
+                                  v["time_median_ms"].to_numpy(float) if metric == "time" else None))
+    for group, g in levels.dropna(subset=["level"]).sort_values("pos").groupby("group"):
+        ident = {"group": group, "device": g["device"].iloc[0], "family": "all", "impl": RUN_WIDE, "mode": "all",
+                 "case": "every row of the run"}
+        out.append(Series("time", ident, g["pos"].to_numpy(), list(g["run_id"]), list(g["sha"]),
+                          np.exp(g["level"].to_numpy(float)), 0.0))
+    return out
+
+
+def _set_noise(series: list[Series]) -> None:
+    """Each series is judged against its own run-to-run noise, or the group's typical one where that is
+    larger (a few runs estimate their own only roughly). Where its own estimate decides, the test is
+    Student's t with the series' degrees of freedom: a few runs' spread says little about the next
+    excursion."""
+    own = pd.DataFrame({"metric": [s.metric for s in series], "group": [s.ident["group"] for s in series],
+                        "own": [own_noise(signal(s.values, s.metric, s.block)) for s in series]})
+    typical = own.groupby(["metric", "group"])["own"].transform("median")
+    for s, o, t in zip(series, own["own"], typical):
+        o, others = np.nan_to_num(o), max(np.nan_to_num(t), NOISE_FLOOR)
+        s.noise = max(o, others)
+        s.noise_df = max(len(s.values) - 2, 1) if o > others else math.inf
+
+
+# Steps that coincide: the same metric, group, implementation, runs on either side and direction. A
+# commit that slows an implementation moves all its rows at once: they are one line of the table, and
+# are tested together.
+LINE = ["metric", "direction", "group", "device", "family", "impl", "before_run", "before_sha", "after_run",
+        "after_sha"]
+
+
+def changes(series: list[Series], persist: int = PERSIST, pool: bool = True) -> pd.DataFrame:
+    """Every reported step, one line per series and step. Each series' candidate steps (persistent, beyond
+    the minimum effect, p < ALPHA on their own) that coincide are pooled into one test (Stouffer's
+    combination of their p-values: twelve rows of one implementation 20% slower are strong evidence even
+    where each row alone, with three runs before the step, is not), then false-discovery control runs
+    over the pooled tests of the metric and every series without a candidate (a test with p = 1).
+    pool=False tests each series' step alone (for tests)."""
+    _set_noise(series)
+    found, quiet = [], {m: 0 for m in METRICS}
+    for s in series:
+        steps = find_steps(s.values, s.metric, s.noise, persist, s.block, s.upper, s.raw, s.noise_df)
+        found += [_change_row(s, st) for st in steps]
+        quiet[s.metric] += not steps
+    ch = pd.DataFrame(found, columns=CHANGE_COLUMNS + ["p"])
+    if ch.empty:
+        return ch.drop(columns="p")
+    keys = LINE if pool else LINE + ["mode", "case"]
+    tests = ch.groupby(keys, sort=False)["p"].apply(_pooled).rename("pooled").reset_index()
+    tests["q"] = np.nan
+    for metric, t in tests.groupby("metric"):
+        p = np.concatenate([t["pooled"].to_numpy(), np.ones(quiet[metric])])
+        tests.loc[t.index, "q"] = stats.false_discovery_control(p, method="bh")[: len(t)]
+    ch = ch.drop(columns="q").merge(tests[keys + ["q"]], on=keys)
+    return ch[ch["q"] < ALPHA][CHANGE_COLUMNS].reset_index(drop=True)
+
+
+def _pooled(p: pd.Series) -> float:
+    return float(p.iloc[0]) if len(p) == 1 else float(stats.combine_pvalues(p, method="stouffer").pvalue)
+
+
+CHANGE_COLUMNS = ["metric", "direction", "group", "device", "family", "impl", "mode", "case", "ratio", "q",
+                  "before_run", "before_sha", "before_pos", "after_run", "after_sha", "after_pos"]
+
+
+def _change_row(s: Series, st: Step) -> dict:
+    i = st.at
+    return {"metric": s.metric, "direction": "regressed" if st.ratio > 1 else "improved", **s.ident,
+            "ratio": st.ratio, "q": math.nan, "p": st.p,
+            "before_run": s.run_ids[i - 1], "before_sha": s.shas[i - 1], "before_pos": int(s.pos[i - 1]),
+            "after_run": s.run_ids[i], "after_sha": s.shas[i], "after_pos": int(s.pos[i])}
+
+
+# --- the table of changes ----------------------------------------------------------------------------------
+def change_table(ch: pd.DataFrame) -> pd.DataFrame:
+    """The changes with coinciding steps (LINE) as one line each."""
+    if ch.empty:
+        return pd.DataFrame(columns=["metric", "change", "device", "family", "impl", "series", "ratio",
+                                     "last run before", "first run after", "q"])
+    lines = []
+    for k, g in ch.groupby(LINE, sort=False):
+        r = dict(zip(LINE, k))
+        lo, mid, hi = g["ratio"].min(), g["ratio"].median(), g["ratio"].max()
+        lines.append({
+            "metric": r["metric"], "change": r["direction"], "device": r["group"], "family": r["family"],
+            "impl": r["impl"],
+            "series": "every row of the runs" if r["impl"] == RUN_WIDE else
+                      f"{len(g)}: {g['case'].nunique()} cases x {', '.join(sorted(g['mode'].unique()))}",
+            "ratio": _fmt_ratio(mid) + (f" ({_fmt_ratio(lo)}-{_fmt_ratio(hi)})" if len(g) > 1 else ""),
+            "last run before": f"{r['before_run']} ({r['before_sha']})",
+            "first run after": f"{r['after_run']} ({r['after_sha']})",
+            "q": _fmt_q(g["q"].max()), "_order": (list(METRICS).index(r["metric"]), r["direction"] != "regressed",
+                                                   -abs(math.log(max(mid, 1e-300)))),
+        })
+    return pd.DataFrame(lines).sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
+
+
+def _fmt_q(q: float) -> str:
+    return "<0.0001" if q < 1e-4 else f"{q:.2g}"
+
+
+def _fmt_ratio(x: float) -> str:
+    return "inf" if math.isinf(x) else f"x{x:.3g}"
+
+
+def terminal_table(table: pd.DataFrame, title: str) -> Table:
+    t = Table(title=title, title_justify="left")
+    for col in table.columns:
+        t.add_column(col, overflow="fold")
+    for _, r in table.iterrows():
+        style = "bold red" if r["change"] == "regressed" else "green"
+        t.add_row(*[f"[{style}]{r[c]}[/]" if c == "change" else str(r[c]) for c in table.columns])
+    return t
+
+
+# --- plots -------------------------------------------------------------------------------------------------
+def _pyplot():
+    """seaborn and pyplot with the Agg backend (set before pyplot is imported: no display on CI)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import seaborn as sns
+    except ImportError as exc:
+        raise UsageError(f"lossbench history draws with seaborn and matplotlib: pip install -e '.[plots]' ({exc})") \
+            from None
+    return plt, sns
+
+
+def _ticks(pts: pd.DataFrame) -> tuple[list[int], list[str]]:
+    runs = pts[["pos", "run_id", "sha"]].drop_duplicates("pos").sort_values("pos")
+    return list(runs["pos"]), [f"{s} {r}" for r, s in zip(runs["run_id"], runs["sha"])]
+
+
+def _plot_values(pts: pd.DataFrame, metric: str) -> pd.Series:
+    """What the plot shows: time and memory relative to the row's median over the runs (cases differ by
+    orders of magnitude), errors as they are (log axis)."""
+    if metric == "accuracy":
+        return pts["accuracy"].clip(lower=1e-12, upper=1e3)
+    raw = pts["time_median_ms"].astype(float) if metric == "time" else pts["memory"]
+    floor = pts["device"].map(lambda d: block_of(d, "memory")) if metric == "memory" else 0.0
+    med = raw.groupby([pts["group"], pts["key"]]).transform("median")
+    return (raw + floor) / (med + floor)
+
+
+def _mark_changes(ax, ch: pd.DataFrame) -> None:
+    for _, c in ch.drop_duplicates(["after_pos", "direction"]).iterrows():
+        ax.axvline(c["after_pos"] - 0.5, color="tab:red" if c["direction"] == "regressed" else "tab:green",
+                   linestyle="--", linewidth=1.5)
+
+
+def family_figure(pts: pd.DataFrame, metric: str, ch: pd.DataFrame, levels: pd.DataFrame):
+    """One family on one group: a panel per implementation, a line per case (colour) and mode (dashes),
+    the steps as vertical lines (red: regressed, green: improved) between the last run before and the
+    first after. Panels drawn one by one (not relplot, whose layout passes cost seconds per figure)."""
+    plt, sns = _pyplot()
+    data = pts.assign(y=_plot_values(pts, metric))
+    impls = sorted(data["impl"].unique())
+    ncols = min(3, len(impls))
+    nrows = math.ceil(len(impls) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.8 * ncols, 4.2 * nrows), squeeze=False,
+                             sharey=metric != "accuracy", layout="constrained")
+    palette = dict(zip(sorted(data["case"].unique()), sns.color_palette("husl", data["case"].nunique())))
+    pos, labels = _ticks(data)
+    for ax, impl in zip(axes.flat, impls):
+        sns.lineplot(data=data[data["impl"] == impl], x="pos", y="y", hue="case", style="mode", palette=palette,
+                     units="key", estimator=None, marker="o", ax=ax, legend=impl == impls[0])
+        _mark_changes(ax, ch[ch["impl"] == impl])
+        if metric == "time":  # the run-wide level each row is judged against
+            ax.plot(levels["pos"], np.exp(levels["level"]), color="black", linewidth=2, alpha=0.4)
+        ax.set(title=impl, xlabel="", ylabel=METRICS[metric].axis, yscale="log")  # ratios: up and down alike
+        ax.set_xticks(pos, labels, rotation=90, fontsize=6)
+    for ax in axes.flat[len(impls):]:
+        ax.set_visible(False)
+    legend = axes.flat[0].get_legend()
+    if legend:  # one legend for all panels, under them
+        handles, names = axes.flat[0].get_legend_handles_labels()
+        legend.remove()
+        fig.legend(handles, names, loc="outside lower center", ncol=3, fontsize=7, frameon=False)
+    return fig
+
+
+def level_figure(levels: pd.DataFrame, ch: pd.DataFrame):
+    plt, sns = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    sns.lineplot(x=levels["pos"], y=np.exp(levels["level"]), marker="o", ax=ax, color="black")
+    _mark_changes(ax, ch)
+    pos, labels = _ticks(levels)
+    ax.set_xticks(pos, labels, rotation=90, fontsize=7)
+    ax.set_xlabel("run (commit, run id), oldest first")
+    ax.set(ylabel="run-wide time level", yscale="log")
+    return fig
+
+
+def sections(pts: pd.DataFrame, levels: pd.DataFrame, ch: pd.DataFrame) -> list[Section]:
+    out = []
+    for group, gl in levels.dropna(subset=["level"]).groupby("group"):
+        out.append(Section(f"Run-wide time level: {group}",
+                           "The median over each run's rows of their time relative to their own median over "
+                           "the runs: a burst that slows a whole run, or a change every row shares. Each row's "
+                           "time trend below is judged relative to it.",
+                           level_figure(gl, ch[(ch["group"] == group) & (ch["impl"] == RUN_WIDE)])))
+    for (group, family), g in pts.groupby(["group", "family"]):
+        for metric in METRICS:
+            data = g[g[metric].notna()]
+            if data.empty:
+                continue
+            c = ch[(ch["group"] == group) & (ch["family"] == family) & (ch["metric"] == metric)]
+            out.append(Section(f"{metric.capitalize()}: {family} on {group}", _FIGURE_TEXT[metric],
+                               family_figure(data, metric, c, levels[levels["group"] == group])))
+    return out
+
+
+_FIGURE_TEXT = {
+    "time": "Median time of each case and mode, relative to its own median over the runs; the grey line is the "
+            "run-wide level. Dashed lines: reported steps (red slower, green faster).",
+    "memory": "Peak extra memory of each case and mode, relative to its own median over the runs (plus one "
+              "allocator block, so an empty row stays finite). Dashed lines: reported steps.",
+    "accuracy": "Worst-row gradient error (loss error for forward-only rows) against the float64 reference, log "
+                "scale. Dashed lines: reported steps.",
+}
+
+
+# --- the command ----------------------------------------------------------------------------------------------
+def _select(pts: pd.DataFrame, families: list[str] | None, impls: list[str] | None) -> pd.DataFrame:
+    for flag, col, names in (("--family", "family", families), ("--impl", "impl", impls)):
+        unknown = sorted(set(names or ()) - set(pts[col]))
+        if unknown:
+            raise UsageError(f"{flag} {','.join(unknown)}: no run measured it (the runs have "
+                             f"{', '.join(sorted(set(pts[col])))})")
+        if names:
+            pts = pts[pts[col].isin(names)]
+    return pts
+
+
+def _rules_text() -> str:
+    return (f"A step is reported when it holds for at least {PERSIST} runs on each side (run by run), is "
+            f"beyond the minimum effect (time {100 * (TIME_EFFECT - 1):g}%; memory {100 * (MEMORY_EFFECT - 1):g}% "
+            f"and one allocator block; accuracy {ACCURACY_GROWTH:g}x) and is significant given the series' "
+            f"run-to-run noise (false-discovery rate {ALPHA:g} over all series of the metric). Steps of one "
+            "implementation between the same two runs are one line; 'series' counts them.")
+
+
+@dataclass
+class History:
+    runs: pd.DataFrame       # every row of every run, with group, pos, sha
+    levels: pd.DataFrame     # the run-wide time level per group and run
+    points: pd.DataFrame     # the selected ok rows with their metrics
+    changes: pd.DataFrame    # one line per series and step (CHANGE_COLUMNS)
+    table: pd.DataFrame      # the change table: coinciding steps as one line
+
+
+def analyse(results_dir: str | Path, families: list[str] | None = None, impls: list[str] | None = None,
+            persist: int = PERSIST, pool: bool = True) -> History:
+    df = with_groups(load_runs(results_dir))
+    dev = deviations(df)  # from every row, whatever the selection: a row's neighbours are the run's
+    levels = run_levels(dev)
+    pts = _select(points(df, dev), families, impls)
+    ch = changes(all_series(pts, levels), persist, pool)
+    return History(df, levels, pts, ch, change_table(ch))
+
+
+def history(results_dir: str | Path, families: list[str] | None = None, impls: list[str] | None = None,
+            out_dir: str | Path = "reports/history", console: Console | None = None) -> int:
+    """`lossbench history`: the change table on the console, the trends and the table as a report."""
+    console = console or Console()
+    h = analyse(results_dir, families, impls)
+    n_runs, groups = h.runs["run_id"].nunique(), sorted(h.runs["group"].unique())
+    title = (f"lossbench history: {n_runs} runs in {len(groups)} comparable group{'s' * (len(groups) > 1)}; "
+             f"{len(h.table)} change{'s' * (len(h.table) != 1)}")
+    # One group (the usual case): named once below, so the table fits a terminal without folding run ids.
+    shown = h.table.drop(columns="device") if len(groups) == 1 else h.table
+    console.print(terminal_table(shown, title) if len(h.table) else title)
+    if len(groups) == 1:
+        console.print(f"group: {groups[0]}")
+    header = {"results": str(results_dir), "runs": str(n_runs), "groups": "; ".join(groups),
+              "period": f"{h.runs['started'].min()} to {h.runs['started'].max()}",
+              "selection": f"family {','.join(families or ['all'])}, impl {','.join(impls or ['all'])}",
+              "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    files = write_report(out_dir, "history", "lossbench history", header,
+                         [Section("Changes", _rules_text(), table=h.table), *sections(h.points, h.levels, h.changes)])
+    console.print(f"report: {files.html} and {files.markdown} ({len(files.pngs)} plots)")
+    return 0
