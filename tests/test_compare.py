@@ -346,3 +346,18 @@ def test_an_implementation_that_moved_in_earlier_runs_is_judged_by_them(monkeypa
     held_still = compare.implementation_history_noise(quiet)
     monkeypatch.setattr(compare, "implementation_history_noise", lambda runs: held_still)
     assert compare.compare(base, head, history=moving).regressed()  # the rows' own history alone lets it through
+
+
+def test_a_large_pacing_correction_is_less_sure(monkeypatch):
+    """Row 52 measured while the host ran its evictions 3x slower and the row 4.5x slower (rows do not all
+    slow in proportion): paced, 1.5x. The size of the correction widens the row's interval, so it is not
+    a regression; trusting the correction fully (PACE_SLOPE_SD 0), it is."""
+    base = _run(_paced_rows(1))
+    rows = _paced_rows(2, machine={52: 3.0})
+    rows[52]["raw_ms"] = [x * 1.5 for x in rows[52]["raw_ms"]]  # 4.5x raw against evictions 3x: 1.5x paced
+    rows[52]["time_median_ms"] *= 1.5
+    head = _run(rows)
+    case = head.rows["label"][52]
+    assert case not in set(_verdicts(compare.compare(base, head)).query("verdict == 'regressed'")["case"])
+    monkeypatch.setattr(compare, "PACE_SLOPE_SD", 0.0)
+    assert case in set(_verdicts(compare.compare(base, head)).query("verdict == 'regressed'")["case"])

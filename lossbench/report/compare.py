@@ -66,6 +66,7 @@ MIN_HISTORY = 3               # earlier runs a row needs for its own run-to-run 
 ROBUST_HISTORY = 5            # from this many, that variation is a scaled MAD (one regressed night left out)
 MIN_GROUPS_FOR_NOISE = 5      # implementations needed to estimate their between-run noise (else DEFAULT_NOISE)
 VERSIONS = tuple(f for f in COMPARABLE if f != "git_sha")  # what must match; the code may differ
+PACE_SLOPE_SD = 0.4           # spread of rows' time-on-eviction slopes (quartiles 0.11-0.67 over one nightly run)
 PACE = True                   # CPU time rows are compared in units of their eviction times (_paced)
 
 
@@ -431,18 +432,19 @@ def _time_verdicts(both: pd.DataFrame, threshold: float, row_noise: dict[tuple[s
     recs = []
     for key, r in rows.iterrows():
         a, b = _samples(r["raw_ms_b"]), _samples(r["raw_ms_h"])
-        paced = False
+        paced, pace_log = False, 0.0
         if PACE and str(r["device_h"]).startswith("cpu"):
             pa, pb = _paced(r.get("raw_ms_b"), r.get("evict_ms_b")), _paced(r.get("raw_ms_h"), r.get("evict_ms_h"))
             if pa is not None and pb is not None:  # both runs paced, or neither: never one of each
                 a, b, paced = pa, pb, True
+                pace_log = math.log(float(np.median(_samples(r["evict_ms_h"])) / np.median(_samples(r["evict_ms_b"]))))
         if len(a) < 2 or len(b) < 2:
             continue
         low, high = _ratio_ci(a, b, seed=zlib.crc32(key.encode()))  # reproducible, per row
         recs.append({"key": key, "device": r["device_h"], "family": r["family_h"], "impl": r["impl_h"],
                      "order": r["order_h"], "r": np.median(b) / np.median(a),
                      "low": low, "high": high, "p_mw": stats.mannwhitneyu(a, b, alternative="two-sided").pvalue,
-                     "paced": paced, "row": r})
+                     "paced": paced, "pace_log": pace_log, "row": r})
     if not recs:
         return pd.DataFrame(), {}
     t = pd.DataFrame(recs)
@@ -471,6 +473,11 @@ def _time_verdicts(both: pd.DataFrame, threshold: float, row_noise: dict[tuple[s
     # ratio of two runs varies by sqrt(2) times one run's standard deviation.
     own = np.sqrt(2) * pd.Series([row_noise.get((k, p), 0.0) for k, p in zip(t["key"], t["paced"])], index=t.index)
     t["between"] = np.maximum(t["between"], own)
+    # Pacing assumes a row slows in proportion to its evictions; rows differ in how much (the slope of
+    # log time on log eviction spread by PACE_SLOPE_SD over one run's rows here), so the larger the
+    # correction, the less sure the paced change: a row measured while the host ran its evictions 3x
+    # slower came out 2.8x slower even paced.
+    t["between"] = np.sqrt(t["between"] ** 2 + (PACE_SLOPE_SD * t["pace_log"]) ** 2)
     t["total_se"] = np.sqrt(t["se"] ** 2 + t["between"] ** 2)
     z = t["adj"] / t["total_se"].where(t["total_se"] > 0, np.inf)
     t["p"] = np.maximum(t["p_mw"], 2 * stats.norm.sf(np.abs(z)))
