@@ -6,8 +6,11 @@ time: the ratio of medians head/base, with a bootstrap CI and a Mann-Whitney tes
   (scipy.stats). Within-run samples alone cry wolf between runs: on the shared 2-core machine this
   was built on, runs of the same code differ by more than their samples explain, and in bursts that
   slow every row measured in the same seconds (the committed nightly runs show ratios up to 2x). So:
+  - on the CPU, each sample is taken in units of the cache eviction timed just before it (_paced): the
+    host's speed at that moment; the larger that correction, the wider the row's interval;
   - a row's change is taken relative to the rows measured next to it (`drift`: the median log-ratio
-    of the rows just before or after it in the plan's order, which both runs follow). One
+    of the other implementations' rows just before or after it in the plan's order, which both runs
+    follow). One
     implementation made slower stands out against its neighbours, the other implementations of the
     same cases; a burst that slowed every neighbour does not. A change shared by every row of the run
     (the machine, or code every row runs) is reported once, as the run-wide drift, not per row;
@@ -20,8 +23,10 @@ time: the ratio of medians head/base, with a bootstrap CI and a Mann-Whitney tes
     (scipy.stats.false_discovery_control), so a 400-row comparison of unchanged code stays quiet;
   - regressed / improved: significant, and beyond the threshold; unchanged: the whole interval
     (within-run and between-run noise) inside the threshold; inconclusive: neither;
-  - per implementation, its rows' changes against the other implementations' (_implementation_shifts):
-    a slower implementation's rows beyond the threshold are regressed even where each alone drowns.
+  - per implementation, its rows' changes against the other implementations' (_implementation_shifts),
+    judged against how much it moved as a whole in earlier runs too: a slower implementation's rows are
+    regressed even where each alone drowns, each row's change shrunk towards the implementation's
+    (_shrunk), when it moved that way itself.
   Lower is better for time and memory and errors; higher for bandwidth (which follows time here).
 memory: extra bytes growing by more than the threshold and more than one allocator block, beyond the
   base's range over its repeated calls and what earlier runs of the row saw: regressed.
@@ -145,7 +150,7 @@ def _history_logs(runs: list[Run]) -> dict[tuple[str, bool], dict[int, float]]:
 
 
 def row_history_noise(runs: list[Run]) -> dict[tuple[str, bool], float]:
-    """Per (row key, paced), the standard deviation of the log of the row's median over earlier runs (at
+    """Per (row key, paced), the spread (_spread) of the log of the row's median over earlier runs (at
     least MIN_HISTORY of them). A row that varies from run to run more than the device's typical row is
     judged against its own variation. A real change among those runs makes it larger: more cautious."""
     return {k: _spread(list(v.values())) for k, v in _history_logs(runs).items() if len(v) >= MIN_HISTORY}
@@ -163,7 +168,7 @@ def _spread(x: list[float]) -> float:
 def implementation_history_noise(runs: list[Run]) -> dict[tuple[str, str, str, bool], float]:
     """Per (device, family, implementation, paced), how much the implementation as a whole moved between
     earlier runs of the rows: per run, the median over its rows of each row's departure from the row's
-    mean over the runs; their standard deviation. Whole implementations move between processes of the
+    mean over the runs; their spread (_spread). Whole implementations move between processes of the
     same code (five nightly runs: torch_compile's ce rows 12% slower together in one, fused's in another),
     by more than the spread of the other implementations' shifts in one comparison shows."""
     per_run: dict[tuple, dict[int, list[float]]] = {}
@@ -337,9 +342,10 @@ def _paced(raw, evict) -> np.ndarray | None:
     """A CPU row's samples in units of the cache eviction timed just before each (records.evict_ms), or
     None where the row has no eviction times. On this shared 2-core host the machine's speed drifts by
     15-20% within seconds and by 20% between processes, slowing every sample alike: the eviction, a
-    fixed 64 MiB read, slows with it. Five nightly runs of the same code: a row's median varied by 22%
-    between runs (median row); each sample divided by its eviction, by 7.6%. A slope fitted per row
-    (log time on log eviction) did worse (14%): the eviction's own jitter flattens it. On CUDA the
+    fixed 64 MiB read, slows with it. Five nightly runs of the same code (results/20261201T16*): a row's
+    median varied by 25% between runs (standard deviation of its log, median row); each sample divided by
+    its eviction, by 8.8%. A slope fitted per row (log time on log eviction) did worse (17%): the
+    eviction's own jitter flattens it. On CUDA the
     eviction is timed from the host (launch and synchronisation jitter), so GPU rows stay raw."""
     t, e = _samples(raw), _samples(evict)
     if len(t) == 0 or len(t) != len(e) or (e <= 0).any():
