@@ -162,8 +162,13 @@ def test_comparison_report_shows_the_changed_rows_samples(tmp_path, capsys, monk
     rows = [line for line in samples.splitlines() if re.match(r"\|\s+\d+ \| regressed ", line)]  # numbered as the panels
     assert rows and all("torch_composed" in line for line in rows)
     assert len(rows) == 12  # every ok torch_composed row (cases x modes), and nothing else
-    pngs = list(folder.glob("report-*.png"))
-    assert len(pngs) == 1 and "raw-timing-samples" in pngs[0].name and _decodes(pngs[0])
+    pngs = sorted(folder.glob("report-*.png"))
+    assert [p.name.split("-", 2)[2] for p in pngs] == [
+        "raw-timing-samples-of-the-rows-that-changed.png", "time-every-row-s-change-per-implementation.png",
+        "memory-head-against-base.png", "accuracy-head-against-base.png"]
+    assert all(_decodes(p) for p in pngs)
+    changes = md.split("## Time: every row's change, per implementation")[1].split("\n## ")[0]
+    assert re.search(r"\| ce\s+\| torch_composed\s+\|\s+\d+ \|", changes)  # its counts row
     assert "<h2>Verdicts</h2>" in html and "regressed" in html
     assert "<h2>Failed and unsupported rows (head)</h2>" in html
 
@@ -178,7 +183,7 @@ def test_identical_runs_have_no_samples_plot(tmp_path, capsys):
                            "--threshold", 20)
     assert rc == 0, err
     md = (tmp_path / "r" / "report.md").read_text()
-    assert "Every time verdict is unchanged" in md and not list((tmp_path / "r").glob("*.png"))
+    assert "Every time verdict is unchanged" in md and not list((tmp_path / "r").glob("*raw-timing*.png"))
 
 
 def test_three_runs_are_refused(tmp_path, capsys):

@@ -355,3 +355,71 @@ def raw_samples_section(cmp, shown: pd.DataFrame) -> Section:
         f"{cmp.base.run_id}) beside the head's ({cmp.head.run_id}); the table below is numbered as the panels. The verdicts come from lossbench compare (drift-corrected, with between-run noise); "
         "the samples show what they were judged on."
         + (f" The {cut} least severe are left out here; the verdict table lists them all." if cut > 0 else "")))
+
+
+# --- 6. comparison: every row's change, per metric ---------------------------------------------------------
+VERDICT_COLORS = {"regressed": "#c0392b", "improved": "#27ae60", "inconclusive": "#f39c12", "unchanged": "0.6"}
+
+
+@_styled()
+def time_changes_section(cmp) -> Section:
+    """Every time row's change (head over base, after compare's drift correction), per implementation:
+    the raw-samples panels show the rows that changed, this shows where they stand among all rows."""
+    v = cmp.verdicts
+    t = v[(v["metric"] == "time") & v["change"].notna()].copy()
+    title = "Time: every row's change, per implementation"
+    if t.empty:
+        return Section(title, text="No time row in both runs.")
+    t["family / impl"] = t["family"].astype(str) + " " + t["impl"].astype(str)
+    order = sorted(t["family / impl"].unique())
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(order) + 1.6))
+    ax.axvspan(1 / (1 + cmp.threshold), 1 + cmp.threshold, color="0.92", zorder=0)
+    ax.axvline(1.0, color="0.3", lw=1, ls="--")
+    sns.stripplot(data=t, x="change", y="family / impl", hue="verdict", order=order, palette=VERDICT_COLORS,
+                  jitter=0.25, size=4, ax=ax, log_scale=True)
+    ax.set(xlabel="head / base, drift-corrected (log)", ylabel="")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0), title="verdict")
+    counts = t.pivot_table(index=["family", "impl"], columns="verdict", values="change", aggfunc="size",
+                           fill_value=0).reset_index()
+    counts.columns.name = None
+    return Section(title, figure=fig, table=counts, text=(
+        f"One dot per time row: its change as lossbench compare judged it (relative to the rows measured "
+        f"beside it, CPU rows paced by their evictions). The grey band is the threshold "
+        f"(±{100 * cmp.threshold:g}%); the colour is the verdict."))
+
+
+@_styled()
+def _base_head_section(cmp, metric: str, title: str, unit: str, text: str, factor: float) -> Section:
+    v = cmp.verdicts
+    d = v[(v["metric"] == metric) & v["base"].notna() & v["head"].notna()].copy()
+    d = d[(d["base"] > 0) & (d["head"] > 0) & np.isfinite(d["base"].astype(float)) & np.isfinite(d["head"].astype(float))]
+    if d.empty:
+        return Section(title, text=f"No {metric} row with a finite value in both runs.")
+    d["base"], d["head"] = d["base"].astype(float), d["head"].astype(float)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    lo, hi = float(min(d["base"].min(), d["head"].min())) / 2, float(max(d["base"].max(), d["head"].max())) * 2
+    ax.plot([lo, hi], [lo, hi], color="0.3", lw=1, ls="--")
+    ax.plot([lo, hi], [lo * factor, hi * factor], color="0.6", lw=1, ls=":")
+    sns.scatterplot(data=d, x="base", y="head", hue="verdict", palette=VERDICT_COLORS, style="impl", s=30, ax=ax)
+    ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel=f"base ({unit})", ylabel=f"head ({unit})")
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
+    table = d[d["verdict"] != "unchanged"][["verdict", "family", "impl", "case", "dtype", "mode", "base", "head", "change"]]
+    return Section(title, figure=fig, table=table if len(table) else None, text=text)
+
+
+def memory_changes_section(cmp) -> Section:
+    return _base_head_section(
+        cmp, "memory", "Memory: head against base", "extra bytes",
+        "One dot per row: extra memory (the smallest of its repeated calls) in the base run and in the head. "
+        f"On the dashed line nothing moved; the dotted line is {100 * cmp.threshold:g}% more. Rows that are not "
+        "unchanged are listed below.", 1 + cmp.threshold)
+
+
+def accuracy_changes_section(cmp) -> Section:
+    from .compare import ACCURACY_GROWTH
+    return _base_head_section(
+        cmp, "accuracy", "Accuracy: head against base", "worst-row error",
+        "One dot per row: its worst-row gradient error (loss error for fwd rows) in the base run and in the "
+        f"head. Inputs are seeded, so unchanged code sits on the dashed line; the dotted line is {ACCURACY_GROWTH:g}x, "
+        "beyond which an error's growth is a regression.", ACCURACY_GROWTH)

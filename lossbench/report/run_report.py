@@ -184,7 +184,8 @@ def comparison_sections(cmp: compare.Comparison) -> list[Section]:
                     text="Most severe first, as lossbench compare prints them." if len(shown)
                     else "Every matched row is unchanged.")
     # the picture first, the long table after it
-    return [summary, samples, table, failed_section(cmp.head.rows, " (head)")]
+    return [summary, samples, table, plots.time_changes_section(cmp), plots.memory_changes_section(cmp),
+            plots.accuracy_changes_section(cmp), failed_section(cmp.head.rows, " (head)")]
 
 
 # --- the command --------------------------------------------------------------------------------------
