@@ -83,7 +83,7 @@ def report(tmp_path_factory) -> Path:
 
 def test_report_renders_every_plot(browser, report, tmp_path):
     pngs = len(list(report.parent.glob("report-*.png")))
-    assert pngs == 4
+    assert pngs >= 4
     assert plots_loaded(browser, report, tmp_path) == (pngs, pngs)
     assert check_page(browser, report, tmp_path) == []
 
@@ -94,8 +94,9 @@ def test_a_corrupt_image_is_caught(browser, report, tmp_path):
     parts = report.read_text().split('src="data:image/png;base64,')
     parts[2] = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAAB" + "A" * 64 + parts[2][parts[2].index('"'):]
     page.write_text('src="data:image/png;base64,'.join(parts))
-    assert plots_loaded(browser, page, tmp_path) == (3, 4)
-    assert check_page(browser, page, tmp_path) == ["3 of 4 plots decoded"]
+    n = len(parts) - 1  # the plots on the page
+    assert n >= 4 and plots_loaded(browser, page, tmp_path) == (n - 1, n)
+    assert check_page(browser, page, tmp_path) == [f"{n - 1} of {n} plots decoded"]
 
 
 def test_a_blank_page_is_caught(browser, tmp_path):
