@@ -66,8 +66,7 @@ from scipy import stats
 
 from .. import store
 from ..errors import UsageError
-from ..records import KEY
-from .compare import ACCURACY_GROWTH, ALLOC_BLOCK, ALPHA, VERSIONS
+from .compare import ACCURACY_GROWTH, ALLOC_BLOCK, ALPHA, VERSIONS, _keyed, _local_drift, _norm
 from .page import Section, write_report
 
 PERSIST = 2                  # runs a step must hold on each side: one bad run is never a change
@@ -76,7 +75,6 @@ MEMORY_EFFECT = 1.05         # and more than one allocator block
 PENALTY = 2.0                # PELT penalty per change, times log(runs): BIC on the standardised series
 NOISE_FLOOR = 0.01           # log scale: a deterministic series (memory, accuracy) is not noiseless to 0
 MIN_ROWS_FOR_LEVEL = 8       # fewer timed rows in a run cannot estimate its levels (taken as 1)
-NEIGHBOURS = 6               # rows on each side that define a row's local drift (compare's DRIFT_WINDOW)
 RUN_WIDE = "run-wide"        # the implementation name of the run-wide level's series
 ERR_CLIP = (1e-30, 1e30)     # errors in log scale: exact (0) and infinite (NaN result) stay finite
 
@@ -123,9 +121,8 @@ def _load_run_file(path: Path) -> pd.DataFrame:
     for w in caught:  # a torn last line (a killed run) keeps the rows around it: say so, go on
         warnings.warn(str(w.message), stacklevel=2)
     df["run_id"] = df["run_id"].fillna(path.stem)
-    df["key"] = [json.dumps([_plain(v) for v in k]) for k in df[KEY].itertuples(index=False)]
-    df["order"] = np.arange(len(df))  # measurement order: a row's neighbours
-    return df.drop_duplicates(["run_id", "key"], keep="last")  # a resumed row replaces its first try
+    # compare's keys and measurement order (a row's neighbours); a resumed row replaces its first try
+    return _keyed(df).reset_index()
 
 
 def _check_meta(path: Path) -> None:
@@ -141,14 +138,10 @@ def _check_meta(path: Path) -> None:
         raise UsageError(f"{path} is corrupt: not a JSON object")
 
 
-def _plain(v):
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
-
-
 def _group_label(r: pd.Series) -> str:
     """What makes runs comparable (compare.VERSIONS), as text: one label per series group."""
     parts = [f"{r['device']} {r['device_name']}", f"torch {r['torch_version']}"]
-    parts += [f"{name} {_plain(r[f'{name}_version'])}" for name in ("triton", "cuda") if _plain(r[f"{name}_version"])]
+    parts += [f"{name} {_norm(r[f'{name}_version'])}" for name in ("triton", "cuda") if _norm(r[f"{name}_version"])]
     return ", ".join(parts + [f"{str(r['threads']).removesuffix('.0')} threads"])
 
 
@@ -157,7 +150,7 @@ def with_groups(df: pd.DataFrame) -> pd.DataFrame:
     commit and time."""
     df = df.copy()
     for col in VERSIONS:
-        df[col] = df[col].map(_plain)
+        df[col] = df[col].map(_norm)
     cols = ["device", *VERSIONS]
     combos = df[cols].drop_duplicates()
     combos["group"] = [_group_label(r) for _, r in combos.iterrows()]
@@ -190,17 +183,12 @@ def run_levels(dev: pd.DataFrame) -> pd.DataFrame:
 
 
 def neighbour_drift(d: np.ndarray) -> np.ndarray:
-    """Per row of one run (in measurement order), the deviation its neighbours share: the median of the
-    NEIGHBOURS rows before it, of those after it, or of both, whichever is closest to its own (as
-    compare's drift). A burst on the shared machine slows the rows measured in the same seconds, not the
-    whole run; a slower implementation stands apart from its neighbours, the other implementations of
-    the same case (runs are measured case by case)."""
-    out = np.zeros(len(d))
-    for i, x in enumerate(d):
-        before, after = d[max(0, i - NEIGHBOURS): i], d[i + 1: i + 1 + NEIGHBOURS]
-        medians = [np.median(w) for w in (before, after, np.concatenate([before, after])) if len(w)]
-        out[i] = min(medians, key=lambda m: abs(x - m)) if medians else 0.0
-    return out
+    """Per row of one run (in measurement order), the deviation its neighbours share: compare's drift (the
+    median of the DRIFT_WINDOW rows before it, of those after it, or of both, whichever is closest to its
+    own), over all its neighbours. A burst on the shared machine slows the rows measured in the same
+    seconds, not the whole run; a slower implementation stands apart from its neighbours, the other
+    implementations of the same case (runs are measured case by case)."""
+    return _local_drift(d, np.arange(len(d)))  # every row its own group: no neighbour is left out
 
 
 def local_levels(dev: pd.DataFrame) -> pd.Series:
