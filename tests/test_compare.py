@@ -343,8 +343,8 @@ def test_an_implementation_that_moved_in_earlier_runs_is_judged_by_them(monkeypa
     moving = [run(46, 0.85), run(47, 1.15), run(48, 0.9), base]
     t = _verdicts(compare.compare(base, head, history=moving))
     assert (t["verdict"] != "regressed").all()
-    held_still = compare.implementation_history_noise(quiet)
-    monkeypatch.setattr(compare, "implementation_history_noise", lambda runs: held_still)
+    held_still = compare.implementation_history_noise(compare.history_logs(quiet))
+    monkeypatch.setattr(compare, "implementation_history_noise", lambda logs: held_still)
     assert compare.compare(base, head, history=moving).regressed()  # the rows' own history alone lets it through
 
 

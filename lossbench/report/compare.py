@@ -132,9 +132,10 @@ def _norm(v):
 
 
 # --- the comparison -----------------------------------------------------------------------------------
-def _history_logs(runs: list[Run]) -> dict[tuple[str, bool], dict[int, float]]:
+def history_logs(runs: list[Run]) -> dict[tuple[str, bool], dict[int, float]]:
     """Per (row key, paced), the log of the row's median in each earlier run, in the units the
-    comparison uses: eviction-paced (_paced) or raw ms."""
+    comparison uses: eviction-paced (_paced) or raw ms. Read once per comparison; the rows' and the
+    implementations' run-to-run spreads both come from it."""
     logs: dict[tuple[str, bool], dict[int, float]] = {}
     for i, r in enumerate(runs):
         ok = _keyed(r.rows)
@@ -149,11 +150,11 @@ def _history_logs(runs: list[Run]) -> dict[tuple[str, bool], dict[int, float]]:
     return logs
 
 
-def row_history_noise(runs: list[Run]) -> dict[tuple[str, bool], float]:
+def row_history_noise(logs: dict[tuple[str, bool], dict[int, float]]) -> dict[tuple[str, bool], float]:
     """Per (row key, paced), the spread (_spread) of the log of the row's median over earlier runs (at
     least MIN_HISTORY of them). A row that varies from run to run more than the device's typical row is
     judged against its own variation. A real change among those runs makes it larger: more cautious."""
-    return {k: _spread(list(v.values())) for k, v in _history_logs(runs).items() if len(v) >= MIN_HISTORY}
+    return {k: _spread(list(v.values())) for k, v in logs.items() if len(v) >= MIN_HISTORY}
 
 
 def _spread(x: list[float]) -> float:
@@ -165,14 +166,15 @@ def _spread(x: list[float]) -> float:
     return float(np.std(x, ddof=1))
 
 
-def implementation_history_noise(runs: list[Run]) -> dict[tuple[str, str, str, bool], float]:
+def implementation_history_noise(logs: dict[tuple[str, bool], dict[int, float]]
+                                 ) -> dict[tuple[str, str, str, bool], float]:
     """Per (device, family, implementation, paced), how much the implementation as a whole moved between
     earlier runs of the rows: per run, the median over its rows of each row's departure from the row's
     mean over the runs; their spread (_spread). Whole implementations move between processes of the
     same code (five nightly runs: torch_compile's ce rows 12% slower together in one, fused's in another),
     by more than the spread of the other implementations' shifts in one comparison shows."""
     per_run: dict[tuple, dict[int, list[float]]] = {}
-    for (key, paced), v in _history_logs(runs).items():
+    for (key, paced), v in logs.items():
         if len(v) < MIN_HISTORY:
             continue
         device, family, impl = json.loads(key)[:3]
@@ -225,8 +227,8 @@ def compare(base: Run, head: Run, threshold: float = 0.05, force: bool = False,
         out += _status_verdict(r)
         if r["status_b"] == "ok" and r["status_h"] == "ok":
             out += _memory_verdict(r, threshold, mem_seen.get(key)) + _accuracy_verdict(r)
-    time_df, noise = _time_verdicts(both, threshold, row_history_noise(history or []),
-                                    implementation_history_noise(history or []))
+    logs = history_logs(history or [])
+    time_df, noise = _time_verdicts(both, threshold, row_history_noise(logs), implementation_history_noise(logs))
     verdicts = pd.concat([pd.DataFrame(out), time_df], ignore_index=True)
     verdicts["_rank"] = verdicts["verdict"].map(VERDICTS.index)
     verdicts = verdicts.sort_values(["_rank", "severity"], ascending=[True, False], kind="stable")
