@@ -17,8 +17,10 @@ bench: $(STAMP)
 	$(VENV)/bin/lossbench run --suite quick $(ARGS)
 
 # The tests. pytest exits 5 when it collects nothing: make fails on it like on any non-zero status.
+# --benchmark-disable: tests/test_benchmarks.py makes one untimed call per case (timed, it is
+# `pytest --benchmark-only`, which refuses --benchmark-disable: hence here and not in pyproject's addopts).
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest --benchmark-disable $(PYTEST_ARGS)
 
 # On a GPU machine, with the CUDA build of torch already in $(VENV) (PIP_CONSTRAINTS= keeps it):
 # the CUDA tests (compiled Triton kernels, ours and the peers', through the accuracy checks), then the

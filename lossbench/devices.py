@@ -11,8 +11,9 @@ from .errors import UsageError
 
 
 def cuda_devices() -> list[str]:
-    if not torch.cuda.is_available():
-        return []
+    # device_count asks NVML first and makes no CUDA context (is_available may): asv's forkserver lists
+    # the devices once and forks a process per benchmark, and a context made before a fork breaks CUDA
+    # in the children.
     return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
 
 

@@ -32,6 +32,7 @@ class Implementation:
     mutates_inputs: bool = False  # writes into its inputs (gets fresh inputs for every call)
     grad_in_forward: bool = False  # computes the gradient in forward: its fwd time is not comparable
     compiles: bool = False  # first call compiles: compile_ms is reported apart from steady state
+    triton: bool = False  # runs Triton kernels: on the CPU only under Triton's interpreter, whose time means nothing
     description: str = ""
     # Where its semantics knowingly differ from torch's (e.g. a clamp): recorded in every row.
     convention: str = ""
@@ -66,7 +67,7 @@ def _origin(fn: Callable[..., Any]) -> tuple[str, str]:
 def register(*, family: str, name: str, devices: Iterable[str] | None = None,
              dtypes: Iterable[str] | None = None, unsupported: Iterable[str] = (),
              mutates_inputs: bool = False, grad_in_forward: bool = False, compiles: bool = False,
-             description: str = "", convention: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+             triton: bool = False, description: str = "", convention: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator that adds `fn` to the registry under (family, name) and returns fn unchanged."""
     get_family(family)
     _load_builtins()  # so a plugin imported first cannot take a built-in name
@@ -80,7 +81,7 @@ def register(*, family: str, name: str, devices: Iterable[str] | None = None,
             family, name, fn,
             tuple(devices) if devices is not None else None,
             tuple(dtypes) if dtypes is not None else None,
-            tuple(unsupported), mutates_inputs, grad_in_forward, compiles, doc, convention,
+            tuple(unsupported), mutates_inputs, grad_in_forward, compiles, triton, doc, convention,
         )
         return fn
 

@@ -140,8 +140,14 @@ def _read_run_file(path: Path) -> list[dict[str, Any]]:
 
 
 def load_results(path: str | Path) -> pd.DataFrame:
-    """A run file, or a folder of them, as one DataFrame (columns in schema order, raw samples kept)."""
+    """A run file, or a folder of them, as one DataFrame (columns in schema order, raw samples kept).
+    asv's results (its folder or one result file) and pytest-benchmark JSON files come in the same
+    columns (lossbench.importers)."""
+    from . import importers  # they use the registry, which must not be loaded just to read a run file
+
     p = Path(path)
+    if importers.kind(p):
+        return pd.concat(importers.runs(p), ignore_index=True)
     if p.is_dir():
         files = sorted(p.glob("*.jsonl"))
     elif p.is_file():

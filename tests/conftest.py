@@ -34,3 +34,13 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "cuda" in item.keywords:
                 item.add_marker(skip)
+
+
+# optionalhook: the hook is pytest-benchmark's, and the other tests run without that plugin too.
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """lossbench's provenance (device names, library versions, threads, git sha) in every JSON that
+    pytest-benchmark writes: importers/pytest_benchmark.py builds its rows' provenance from it."""
+    from lossbench.integrations.pytest_bench import machine_info as lossbench_machine_info
+
+    machine_info["lossbench"] = lossbench_machine_info()

@@ -35,7 +35,7 @@ def _for(device):
 _CE_UNSUPPORTED = ("target=prob", "spatial")
 
 
-@register(family="ce", name="fused_triton", devices=("cuda", "cpu"), unsupported=_CE_UNSUPPORTED,
+@register(family="ce", name="fused_triton", devices=("cuda", "cpu"), triton=True, unsupported=_CE_UNSUPPORTED,
           grad_in_forward=True, description="Triton: one online-softmax pass per row, cancellation-free p_y - 1")
 def ce_fused_triton(logits, target, **kwargs):
     return _triton(logits.device).cross_entropy(logits, target, **kwargs)
@@ -47,7 +47,7 @@ def ce_fused(logits, target, **kwargs):
     return _for(logits.device).cross_entropy(logits, target, **kwargs)
 
 
-@register(family="kl", name="fused_triton", devices=("cuda", "cpu"), grad_in_forward=True,
+@register(family="kl", name="fused_triton", devices=("cuda", "cpu"), triton=True, grad_in_forward=True,
           description="Triton: loss and gradient in one pass")
 def kl_fused_triton(input, target, **kwargs):
     return _triton(input.device).kl_div(input, target, **kwargs)
@@ -59,7 +59,7 @@ def kl_fused(input, target, **kwargs):
     return _for(input.device).kl_div(input, target, **kwargs)
 
 
-@register(family="linear_ce", name="fused_triton", devices=("cuda", "cpu"), grad_in_forward=True,
+@register(family="linear_ce", name="fused_triton", devices=("cuda", "cpu"), triton=True, grad_in_forward=True,
           description="chunked over tokens: the N x V logits never exist; Triton cross-entropy per chunk")
 def linear_ce_fused_triton(hidden, weight, target, **kwargs):
     return _triton(hidden.device).linear_cross_entropy(hidden, weight, target, **kwargs)

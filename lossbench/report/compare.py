@@ -49,7 +49,7 @@ from rich.console import Console
 from rich.table import Table
 from scipy import stats
 
-from .. import store
+from .. import importers, store
 from ..errors import UsageError
 from ..records import COMPARABLE, KEY
 from ..run import FAILED
@@ -80,6 +80,7 @@ class Run:
     name: str                # as given on the command line
     run_id: str
     rows: pd.DataFrame       # in measurement order
+    path: Path | None = None  # the file it was read from
 
 
 @dataclass
@@ -103,17 +104,31 @@ class Comparison:
 
 # --- loading -----------------------------------------------------------------------------------------
 def load_run(ref: str, results_dir: str | Path) -> Run:
-    """A run id under results_dir, or a run file."""
+    """A run file (lossbench's, an asv result file, pytest-benchmark JSON), or a run id under results_dir
+    (in asv's or pytest-benchmark's folder also a commit: the first 7 or more hex digits of its sha)."""
     p = Path(ref)
     if not p.is_file():
-        p = Path(results_dir) / f"{ref}.jsonl"
+        p = _imported_run_file(ref, results_dir) or Path(results_dir) / f"{ref}.jsonl"
         if not p.is_file():
             raise UsageError(f"no run {ref!r}: neither a run file nor a run id in {str(results_dir)!r}")
     df = store.load_results(p)
     if df.empty:
         raise UsageError(f"{p} holds no result rows")
     ids = df["run_id"].dropna().unique()
-    return Run(ref, str(ids[0]) if len(ids) else p.stem, df.reset_index(drop=True))
+    return Run(ref, str(ids[0]) if len(ids) else p.stem, df.reset_index(drop=True), p)
+
+
+def _imported_run_file(ref: str, results_dir: str | Path) -> Path | None:
+    if not Path(results_dir).is_dir() or not importers.kind(results_dir):
+        return None
+    for f in importers.run_files(results_dir):
+        try:
+            first = importers.load_file(f).iloc[0]
+        except (UsageError, IndexError):
+            continue
+        if ref == first["run_id"] or (len(ref) >= 7 and str(first["git_sha"]).startswith(ref)):
+            return f
+    return None
 
 
 def incompatibility(base: Run, head: Run) -> str | None:
@@ -186,17 +201,12 @@ def implementation_history_noise(logs: dict[tuple[str, bool], dict[int, float]]
 
 
 def history_for(base: Run, head: Run, results_dir: str | Path, limit: int = 10) -> list[Run]:
-    """Up to `limit` most recent earlier runs in results_dir comparable with the two (same device names
-    and versions), the base among them: the rows' own run-to-run variation."""
+    """Up to `limit` most recent earlier runs comparable with the two (same device names and versions), the
+    base among them: the rows' own run-to-run variation. They come from results_dir or, for a run another
+    tool wrote (asv, pytest-benchmark), from the other runs of its folder."""
     found = []
-    for path in sorted(Path(results_dir).glob("*.jsonl"), reverse=True):
-        if path.stem in (head.run_id,) or path.stem >= head.run_id:
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # a corrupt older file only leaves the history shorter
-                run = load_run(str(path), results_dir)
-        except UsageError:
+    for run in _earlier_runs(head, results_dir):
+        if run.run_id >= head.run_id:
             continue
         if set(run.rows["device_name"].dropna()) & set(head.rows["device_name"].dropna()) \
                 and incompatibility(run, head) is None:
@@ -206,6 +216,29 @@ def history_for(base: Run, head: Run, results_dir: str | Path, limit: int = 10) 
     if base.run_id not in {r.run_id for r in found}:
         found.append(base)
     return found
+
+
+def _earlier_runs(head: Run, results_dir: str | Path):
+    """Candidate runs, newest first. A corrupt older file only leaves the history shorter."""
+    def quietly(load):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                return load()
+            except UsageError:
+                return None
+
+    if head.path is not None and importers.kind(head.path):
+        folder = head.path.parent
+        dfs = quietly(lambda: importers.runs(folder)) if importers.kind(folder) else None
+        for df in reversed(dfs or []):
+            yield Run(str(folder), str(df["run_id"].iloc[0]), df.reset_index(drop=True))
+        return
+    for path in sorted(Path(results_dir).glob("*.jsonl"), reverse=True):
+        if path.stem < head.run_id:
+            run = quietly(lambda: load_run(str(path), results_dir))
+            if run is not None:
+                yield run
 
 
 def compare(base: Run, head: Run, threshold: float = 0.05, force: bool = False,
@@ -308,10 +341,15 @@ def _memory_verdict(r: pd.Series, threshold: float, seen_max: float | None = Non
 
 
 def _accuracy_verdict(r: pd.Series) -> list[dict]:
-    # Seeded inputs: the same code gives the same errors, so no test is needed.
-    col = "grad_row_err_max" if not _missing(r["grad_row_err_max_b"]) else "loss_rel_err"
+    # Seeded inputs: the same code gives the same errors, so no test is needed. asv's rows carry only
+    # err_vs_floor (grad_row_err_max over a floor fixed by the case: the same ratio between two runs) and
+    # no accuracy_ok, which then counts as unchanged.
+    col = next((c for c in ("grad_row_err_max", "err_vs_floor") if not _missing(r[f"{c}_b"])), "loss_rel_err")
+    if col == "err_vs_floor" and _missing(r["err_vs_floor_h"]):
+        return []  # the head did not measure it
     eb, eh = _err(r[f"{col}_b"]), _err(r[f"{col}_h"])
-    ok_b, ok_h = bool(r["accuracy_ok_b"]), bool(r["accuracy_ok_h"])
+    known = not (_missing(r["accuracy_ok_b"]) or _missing(r["accuracy_ok_h"]))
+    ok_b, ok_h = (bool(r["accuracy_ok_b"]), bool(r["accuracy_ok_h"])) if known else (True, True)
     change = eh / eb if eb > 0 else (1.0 if eh == eb else math.inf)
     if ok_b and not ok_h:
         v, note = "regressed", "accuracy_ok turned false"

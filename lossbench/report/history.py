@@ -64,7 +64,7 @@ from rich.console import Console
 from rich.table import Table
 from scipy import stats
 
-from .. import store
+from .. import importers, store
 from ..errors import UsageError
 from .compare import ACCURACY_GROWTH, ALLOC_BLOCK, ALPHA, VERSIONS, _keyed, _local_drift, _norm
 from .page import Section, write_report
@@ -105,6 +105,8 @@ def load_runs(results_dir: str | Path) -> pd.DataFrame:
     """Every row of every run file in the folder, with its key and measurement order; bad input (no runs, a
     corrupt file) is a UsageError naming it."""
     folder = Path(results_dir)
+    if folder.is_dir() and importers.kind(folder):  # asv's results, a folder of pytest-benchmark files
+        return pd.concat([_keyed(df).reset_index() for df in importers.runs(folder)], ignore_index=True)
     files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
     if not files:
         raise UsageError(f"no runs in {str(results_dir)!r} (no <run_id>.jsonl files)")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 from rich.console import Console
 
-from .. import store
+from .. import importers, store
 from ..errors import UsageError
 from ..records import STATUSES
 from . import compare
@@ -46,6 +46,9 @@ def runs_in(folder: Path) -> list[Path]:
 
 
 def _latest(folder: Path) -> tuple[Path, str]:
+    if importers.kind(folder):  # asv's results, pytest-benchmark's files: their run ids, not their names
+        found = importers.indexed(folder)
+        return found[-1][1], f"latest of {len(found)} {importers.kind(folder)} run{'s' * (len(found) > 1)} in {folder}/"
     runs = runs_in(folder)
     if not runs:
         raise UsageError(f"no run in {str(folder)!r} (no <run_id>.jsonl file)")
@@ -84,8 +87,7 @@ def pick(refs: list[str], results: str | Path) -> list[Picked]:
             out.append(Picked(_load(path, results), path, how))
         else:
             run = _load(Path(ref), results)
-            path = Path(ref) if Path(ref).is_file() else Path(results) / f"{ref}.jsonl"
-            out.append(Picked(run, path))
+            out.append(Picked(run, run.path))
     return out
 
 
@@ -100,6 +102,9 @@ def _values(df: pd.DataFrame, col: str) -> str:
 
 
 def _meta(p: Picked) -> dict:
+    other = importers.kind(p.path)
+    if other:  # another tool's file: its suite is lossbench's for that tool
+        return {"spec": {"suite": f"{other} ({'benchmarks/' if other == 'asv' else 'tests/test_benchmarks.py'})"}}
     try:
         return store.read_meta(p.path.parent, p.run.run_id)
     except UsageError:
