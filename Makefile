@@ -5,7 +5,7 @@ PYTHON ?= python3
 PIP_CONSTRAINTS ?= -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: bench test gpu-check kernels clean
+.PHONY: bench test gpu-check kernels asv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ test: $(STAMP)
 gpu-check: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m cuda $(PYTEST_ARGS)
 	$(VENV)/bin/lossbench run --suite gpu --device cuda $(ARGS)
+
+# asv over the registry's suites (benchmarks/) in this environment, results in results/asv/ under this
+# commit (asv saves nothing for an existing environment without --set-commit-hash), raw samples kept.
+# ASV_ARGS="--quick" for one sample each; ASV_ARGS="-b '^losses\.CE\.'" for one family.
+asv: $(STAMP)
+	$(VENV)/bin/asv machine --yes
+	$(VENV)/bin/asv run --python=same --set-commit-hash HEAD --record-samples $(ASV_ARGS)
 
 # Registers, spills and shared memory of every Triton kernel variant, compiled for sm_80 and sm_90 (no GPU needed).
 kernels: $(STAMP)

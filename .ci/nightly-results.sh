@@ -3,17 +3,20 @@
 #
 #   restore  fetch branch $RESULTS_BRANCH, if it exists, and unpack its results/ into ./results, so that
 #            `lossbench nightly` finds the baseline and the history; note what was there.
-#   collect  copy what the run added or changed in results/ (its run files), results/baseline.json and
-#            comparison.md/.json into $STAGE_DIR: the artifact, and what publish commits.
-#   publish  commit the staged results/ files on top of the branch (a first commit when it does not
-#            exist yet) and push it. Never forced: a branch that moved meanwhile fails the step.
+#   collect  copy what the run added or changed in results/ (its run files) and in results/asv/ (asv's
+#            *.json, at any depth), results/baseline.json and comparison.md/.json into $STAGE_DIR, each
+#            under its path (results/asv/<machine>/<file>.json to $STAGE_DIR/results/asv/<machine>/):
+#            the artifact, and what publish commits.
+#   publish  commit the staged results/ files, each at its path under results/, on top of the branch (a
+#            first commit when it does not exist yet) and push it. Never forced: a branch that moved
+#            meanwhile fails the step.
 #
 # None of them touches the checkout's HEAD or index, so the run's git_sha does not turn '+dirty'.
 # The checkout keeps no credentials (persist-credentials: false): the token reaches git through the
 # environment (GIT_CONFIG_*), never in a command line, a URL or a file.
 # Env: RESULTS_BRANCH, STAGE_DIR (default $RUNNER_TEMP/nightly), GITHUB_TOKEN, GITHUB_SERVER_URL,
 # GITHUB_REPOSITORY, RUNNER_TEMP; publish also NIGHTLY_DEVICE, NIGHTLY_RC, GITHUB_SHA, GITHUB_RUN_ID.
-# Needs bash, git 2.31+ (GIT_CONFIG_COUNT), coreutils and tar.
+# Needs bash 4.4+ (mapfile -d), git 2.31+ (GIT_CONFIG_COUNT), findutils, coreutils and tar.
 # tests/test_workflow.py runs all three against a local bare repository.
 set -euo pipefail
 export LC_ALL=C
@@ -29,10 +32,15 @@ with_token() {
     GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0=http.extraheader GIT_CONFIG_VALUE_0="$header" git "$@"
 }
 
-# sha256 and path of every results file the nightly reads or writes, sorted.
+# sha256 and path of every results file the nightly reads or writes, and of asv's results, sorted.
 snapshot() {
-    find results -maxdepth 1 -type f \( -name '*.jsonl' -o -name '*.meta.json' -o -name baseline.json \) \
-        -exec sha256sum -- {} + | sort
+    {
+        find results -maxdepth 1 -type f \( -name '*.jsonl' -o -name '*.meta.json' -o -name baseline.json \) \
+            -exec sha256sum -- {} +
+        if [ -d results/asv ]; then
+            find results/asv -type f -name '*.json' -exec sha256sum -- {} +
+        fi
+    } | sort
 }
 
 restore() {
@@ -63,7 +71,10 @@ collect() {
     mkdir -p "$STAGE_DIR/results"
     local path
     if [ -f "$before" ]; then  # no note: restore did not run, nor did the nightly
-        snapshot | comm -13 "$before" - | while read -r _ path; do cp -p -- "$path" "$STAGE_DIR/results/"; done
+        snapshot | comm -13 "$before" - | while read -r _ path; do
+            mkdir -p -- "$STAGE_DIR/${path%/*}"
+            cp -p -- "$path" "$STAGE_DIR/$path"
+        done
     fi
     for path in results/baseline.json comparison.md comparison.json; do
         if [ -f "$path" ]; then cp -p -- "$path" "$STAGE_DIR/$path"; fi
@@ -72,8 +83,11 @@ collect() {
 }
 
 publish() {
-    local files=("$STAGE_DIR"/results/*)
-    if [ ! -e "${files[0]}" ]; then
+    local files=()
+    if [ -d "$STAGE_DIR/results" ]; then
+        mapfile -d '' files < <(cd "$STAGE_DIR/results" && find . -type f -print0 | sort -z)
+    fi
+    if [ ${#files[@]} -eq 0 ]; then
         echo "nothing to publish"
         return 0
     fi
@@ -91,14 +105,15 @@ publish() {
     fi
     local path tree runs commit
     for path in "${files[@]}"; do
-        git update-index --add --cacheinfo "100644,$(git hash-object -w -- "$path"),results/${path##*/}"
+        path="${path#./}"
+        git update-index --add --cacheinfo "100644,$(git hash-object -w -- "$STAGE_DIR/results/$path"),results/$path"
     done
     tree=$(git write-tree)
     if [ ${#parent[@]} -gt 0 ] && [ "$tree" = "$(git rev-parse "$tracking^{tree}")" ]; then
         echo "nothing new for $RESULTS_BRANCH"
         return 0
     fi
-    runs=$(cd "$STAGE_DIR/results" && find . -name '*.meta.json' | sed 's|^\./||; s|\.meta\.json$||' | sort | paste -sd ' ' -)
+    runs=$(cd "$STAGE_DIR/results" && find . -maxdepth 1 -name '*.meta.json' | sed 's|^\./||; s|\.meta\.json$||' | sort | paste -sd ' ' -)
     commit=$(git commit-tree "$tree" ${parent[@]+"${parent[@]}"} \
         -m "nightly ${NIGHTLY_DEVICE:?}: ${runs:-no run file} (lossbench nightly exit ${NIGHTLY_RC:?})" \
         -m "Measured at ${GITHUB_SHA:?}: $GITHUB_SERVER_URL/$GITHUB_REPOSITORY/actions/runs/${GITHUB_RUN_ID:?}")

@@ -149,3 +149,17 @@ def test_chunked_gradient_metrics_equal_the_whole_ones(case, monkeypatch):
     sliced = accuracy.measure(wrong.rounds_true_class, inputs, ref, "float32")
     for field in ("grad_rel_err", "grad_row_err_max", "grad_max_abs_err", "err_vs_floor"):
         assert getattr(sliced, field) == pytest.approx(getattr(whole, field), rel=1e-9), field
+
+
+def test_err_vs_floor_where_the_dtype_holds_the_exact_gradient(case):
+    """NLL's gradient (-w/N at the target) is exact in float32 and bfloat16: the floor is 0. An exact
+    implementation is then at the floor (1), a slightly wrong one infinitely above it, never NaN."""
+    for dtype in ("float32", "bfloat16"):
+        c = case("nll", n=256, c=100, dtype=dtype)
+        assert _measure(F.nll_loss, c).err_vs_floor == 1.0
+
+        def off_by_a_ulp(x, t, **kw):
+            return F.nll_loss(x, t, **kw) * (1 + torch.finfo(x.dtype).eps)
+
+        assert _measure(off_by_a_ulp, c).err_vs_floor == math.inf
+    assert math.isnan(_measure(F.nll_loss, case("nll", n=64, c=10, dtype="float64")).err_vs_floor)

@@ -206,3 +206,26 @@ def test_not_a_pytest_benchmark_file():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a file of ours alone loads without a warning
         pb.rows(Path("x.json"), _doc())
+
+
+def test_compare_and_report_on_pytest_benchmark_files(session, tmp_path):
+    """`lossbench compare` on two such files: the same file gives exit 0; a copy whose torch_module row
+    needs twice the memory and has a gradient error 10x larger gives exit 1, naming both. `report` takes one."""
+    from lossbench.cli import main
+
+    path, data = session
+    worse = copy.deepcopy(data)
+    for b in worse["benchmarks"]:
+        if b["extra_info"]["impl"] == "torch_module":
+            info = b["extra_info"]
+            info["extra_mem_bytes"] = info["extra_mem_max_bytes"] = 2 * info["extra_mem_bytes"] + 2**21
+            info["grad_row_err_max"] *= 10
+    head = tmp_path / "head.json"
+    head.write_text(json.dumps(worse))
+    assert main(["compare", str(path), str(path)]) == 0
+    assert main(["compare", str(path), str(head), "--json", str(tmp_path / "c.json")]) == 1
+    regressed = {(v["impl"], v["metric"]) for v in json.loads((tmp_path / "c.json").read_text())["rows"]
+                 if v["verdict"] == "regressed"}
+    assert regressed == {("torch_module", "memory"), ("torch_module", "accuracy")}
+    assert main(["report", str(head), "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "report.html").is_file()

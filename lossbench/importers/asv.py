@@ -35,8 +35,10 @@ PARAM_NAMES = ["impl", "shape", "dtype", "device"]
 
 
 def is_results_dir(p: Path) -> bool:
-    """asv's results root (benchmarks.json beside machine folders) or one machine's folder (machine.json)."""
-    return (p / "benchmarks.json").is_file() or (p / "machine.json").is_file()
+    """asv's results root (machine folders, and benchmarks.json, which git ignores here: asv rewrites it on
+    every run) or one machine's folder (machine.json)."""
+    return ((p / "benchmarks.json").is_file() or (p / "machine.json").is_file()
+            or any((d / "machine.json").is_file() for d in p.iterdir() if d.is_dir()))
 
 
 def result_files(p: Path) -> list[Path]:

@@ -92,6 +92,8 @@ def suites() -> dict[str, type]:
     version = version_info()
     for family in FAMILIES:
         g = bench.grid(family)
+        if not (g.impls and g.shapes):  # narrowed away by LOSSBENCH_IMPLS or LOSSBENCH_SHAPES
+            continue
         name = class_name(family)
         out[name] = type(name, (FamilySuite,), {
             "family": family, "params": [g.impls, g.shapes, g.dtypes, g.devices], "version": version,

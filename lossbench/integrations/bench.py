@@ -38,6 +38,7 @@ ENV_PLUGIN = "LOSSBENCH_PLUGIN"   # modules or .py files, separated by os.pathse
 ENV_SHAPES = "LOSSBENCH_SHAPES"   # comma-separated, as --shape: NxC for nll/ce/kl, NxHxV for linear_ce
 ENV_DTYPES = "LOSSBENCH_DTYPES"   # comma-separated dtype names
 ENV_DEVICES = "LOSSBENCH_DEVICES"  # as --device: cpu, cuda, cuda:N, all (default: cpu and every CUDA device)
+ENV_IMPLS = "LOSSBENCH_IMPLS"     # comma-separated implementation names (default: every registered one)
 
 
 def _env_list(name: str, sep: str = ",") -> list[str] | None:
@@ -71,7 +72,15 @@ def grid(family: str) -> Grid:
     for d in dtypes:
         parse_dtype(d)  # an unknown dtype is a UsageError naming it
     devs = devices.resolve(os.environ.get(ENV_DEVICES) or "all")  # makes no CUDA context (devices.cuda_devices)
-    return Grid(family, [i.name for i in registry.implementations(family)], shapes, dtypes, devs)
+    impls = [i.name for i in registry.implementations(family)]
+    wanted = _env_list(ENV_IMPLS)
+    if wanted:
+        known = {i.name for i in registry.implementations()}
+        unknown = sorted(set(wanted) - known)
+        if unknown:
+            raise UsageError(f"{ENV_IMPLS}: unknown implementation {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        impls = [i for i in impls if i in wanted]
+    return Grid(family, impls, shapes, dtypes, devs)
 
 
 class Bench:

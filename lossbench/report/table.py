@@ -52,22 +52,32 @@ def _converged(row: pd.Series) -> bool:
                                                        and row["converged"] == 0.0)
 
 
+def _own_error(row: pd.Series) -> str:
+    """The row's error in words: the worst row's gradient error, a fwd row's loss error, or (asv's rows
+    carry only that) the gradient error over its rounding floor."""
+    for col, word in (("grad_row_err_max", "err"), ("loss_rel_err", "loss err")):
+        if pd.notna(row.get(col)):
+            return "exact" if row[col] == 0 else f"{word} {row[col]:.1e}"
+    if pd.notna(row.get("err_vs_floor")):
+        return f"err {_fmt_ratio(row['err_vs_floor'])}× floor"
+    return ""
+
+
 def _cell(row: pd.Series, base: pd.Series | None) -> str:
     if row["status"] != "ok":
         return f"[yellow]{row['status']}[/]" if row["status"] == "unsupported" else f"[red]{row['status']}[/]"
-    mark = "" if row["accuracy_ok"] else " [red]✗[/]"
+    mark = " [red]✗[/]" if row["accuracy_ok"] is False or row["accuracy_ok"] == 0.0 else ""  # None: not judged
     time_mark = "" if _converged(row) else f"[magenta]{UNCONVERGED}[/]"
-    has_grad = pd.notna(row["grad_row_err_max"])
-    # a fwd row has no gradient: its error is the loss's
-    own = row["grad_row_err_max"] if has_grad else row["loss_rel_err"]
-    exact = own == 0
-    if row["impl"] == BASELINE or base is None or base["status"] != "ok":
-        ci = f"[{_fmt_ms(row['time_ci_low_ms'])}, {_fmt_ms(row['time_ci_high_ms'])}]"
-        own_err = "exact" if exact else f"{'err' if has_grad else 'loss err'} {own:.1e}"
+    own_err = _own_error(row)
+    if pd.isna(row["time_median_ms"]):  # an untimed row (pytest-benchmark --benchmark-disable)
+        return f"untimed{_mem_ratio(row, base) if base is not None else ''} {own_err}{mark}"
+    if row["impl"] == BASELINE or base is None or base["status"] != "ok" or pd.isna(base["time_median_ms"]):
+        has_ci = pd.notna(row["time_ci_low_ms"]) and pd.notna(row["time_ci_high_ms"])
+        ci = f" [{_fmt_ms(row['time_ci_low_ms'])}, {_fmt_ms(row['time_ci_high_ms'])}]" if has_ci else ""
         mem = f" +{_fmt_bytes(row['extra_mem_bytes'])}" if pd.notna(row.get("extra_mem_bytes")) else ""
-        return f"{time_mark}{_fmt_ms(row['time_median_ms'])} {ci}{mem} {own_err}{mark}"
-    err = "exact" if exact else (f"err×{_fmt_ratio(row['err_ratio_vs_torch'])}" if has_grad
-                                 else f"loss err {own:.1e}")
+        return f"{time_mark}{_fmt_ms(row['time_median_ms'])}{ci}{mem} {own_err}{mark}"
+    err = own_err if own_err == "exact" or pd.isna(row.get("grad_row_err_max")) \
+        else f"err×{_fmt_ratio(row['err_ratio_vs_torch'])}"
     speedup = base["time_median_ms"] / row["time_median_ms"]
     return f"{time_mark}{speedup:.2f}× {err}{_mem_ratio(row, base)}{mark}"
 

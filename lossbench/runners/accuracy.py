@@ -9,7 +9,9 @@ Metrics (all relative errors are L2 norms; every gradient of a case is folded in
                     exactly zero, or its error is infinite.
 - grad_max_abs_err  largest absolute difference
 - err_vs_floor      grad_row_err_max over the same metric of the float64 reference rounded once to
-                    the input dtype: the best any implementation can return (NaN in float64)
+                    the input dtype: the best any implementation can return (NaN in float64). Where the
+                    dtype holds the reference gradient exactly (NLL's -w/N: the floor is 0), 1 for an
+                    exact gradient and infinity for any other, so a wrong one never hides as NaN
 NaN or Inf where the reference is finite, or finite where it is NaN, is an infinite error.
 accuracy_ok compares these with per-dtype budgets, never with torch.
 """
@@ -169,6 +171,14 @@ def measure_forward(fn, pristine: Inputs, ref: Reference, dtype: str) -> Accurac
                           mutates_inputs=bool(mutated), first_call_ms=first_call_ms, note=note, mutated=mutated)
 
 
+def vs_floor(row_max: float, floor: float, dtype: str) -> float:
+    if floor > 0:
+        return row_max / floor
+    if dtype == "float64":  # the reference itself: no rounding floor
+        return math.nan
+    return 1.0 if row_max == 0 else math.inf
+
+
 def measure(fn, pristine: Inputs, ref: Reference, dtype: str) -> AccuracyResult:
     """Call `fn` once (forward + backward) on a copy of `pristine` and compare with `ref`."""
     inputs = pristine.clone()
@@ -206,7 +216,7 @@ def measure(fn, pristine: Inputs, ref: Reference, dtype: str) -> AccuracyResult:
         grad_rel_err=grad_rel,
         grad_row_err_max=row_max,
         grad_max_abs_err=abs_max,
-        err_vs_floor=row_max / floor if floor > 0 else math.nan,
+        err_vs_floor=vs_floor(row_max, floor, dtype),
         accuracy_ok=ok,
         mutates_inputs=bool(mutated),
         first_call_ms=first_call_ms,
