@@ -113,3 +113,13 @@ def test_asv_result_without_lossbench_benchmarks_or_corrupt(tmp_path):
     # In a folder, the unreadable file is left out with a warning; nothing else there: an error.
     with pytest.warns(UserWarning, match="left out"), pytest.raises(UsageError, match="no readable run"):
         load_results(tmp_path)
+
+
+def test_history_takes_asv_results(asv_results, capsys):
+    """The two runs (machines base and head, one CPU) are one comparable group for history."""
+    tmp, files = asv_results
+    from lossbench.cli import main
+
+    assert main(["history", "--results", str(tmp / "results"), "--out", str(tmp / "history")]) == 0
+    assert "2 runs in 1 comparable group" in capsys.readouterr().out
+    assert (tmp / "history" / "history.html").is_file()
