@@ -33,6 +33,7 @@ class Implementation:
     grad_in_forward: bool = False  # computes the gradient in forward: its fwd time is not comparable
     compiles: bool = False  # first call compiles: compile_ms is reported apart from steady state
     triton: bool = False  # runs Triton kernels: on the CPU only under Triton's interpreter, whose time means nothing
+    collective: bool = False  # calls collectives: every rank of the process group must make the same call
     description: str = ""
     # Where its semantics knowingly differ from torch's (e.g. a clamp): recorded in every row.
     convention: str = ""
@@ -67,7 +68,7 @@ def _origin(fn: Callable[..., Any]) -> tuple[str, str]:
 def register(*, family: str, name: str, devices: Iterable[str] | None = None,
              dtypes: Iterable[str] | None = None, unsupported: Iterable[str] = (),
              mutates_inputs: bool = False, grad_in_forward: bool = False, compiles: bool = False,
-             triton: bool = False, description: str = "", convention: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+             triton: bool = False, collective: bool = False, description: str = "", convention: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator that adds `fn` to the registry under (family, name) and returns fn unchanged."""
     get_family(family)
     _load_builtins()  # so a plugin imported first cannot take a built-in name
@@ -81,7 +82,7 @@ def register(*, family: str, name: str, devices: Iterable[str] | None = None,
             family, name, fn,
             tuple(devices) if devices is not None else None,
             tuple(dtypes) if dtypes is not None else None,
-            tuple(unsupported), mutates_inputs, grad_in_forward, compiles, triton, doc, convention,
+            tuple(unsupported), mutates_inputs, grad_in_forward, compiles, triton, collective, doc, convention,
         )
         return fn
 
