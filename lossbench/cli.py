@@ -78,6 +78,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         spec = _spec_from_args(args)
     outcome = run.execute(spec, args.out, resume=args.resume, force=args.force, timeout_s=args.timeout,
                           in_process=args.in_process, err=_console(stderr=True))
+    if not outcome.writer:  # a torchrun rank other than 0: rank 0 wrote the run and reports it
+        return EXIT_INTERRUPTED if outcome.state == "interrupted" else 0
     if outcome.state == "interrupted":
         return EXIT_INTERRUPTED
     df = outcome.rows()
@@ -204,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     run_p.add_argument("--force", action="store_true",
                      help="with --resume: resume even though the code, library versions, device or threads changed")
     run_p.add_argument("--in-process", action="store_true",
-                     help="no worker process (for debugging): no timeout, and a crash ends the run")
+                     help="no worker process (for debugging): no timeout, and a crash ends the run (always so "
+                          "under torchrun, which shares the units out among its ranks)")
     run_p.set_defaults(func=cmd_run)
 
     lst = sub.add_parser("list", help="print the registry with capabilities")

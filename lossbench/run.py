@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import bandwidth, devices, records, registry, store, suites, sweep
+from . import bandwidth, devices, distributed, records, registry, store, suites, sweep
 from .errors import UsageError
 from .runners.isolation import IsolatedRunner
 
@@ -78,8 +78,9 @@ class RunOutcome:
     run_id: str
     path: Path
     state: str          # complete | interrupted
-    measured: int       # rows measured by this invocation
+    measured: int       # rows measured by this invocation (all ranks' under torchrun)
     elapsed_s: float
+    writer: bool = True  # this process wrote the run (False: a torchrun rank other than 0)
 
     def rows(self) -> pd.DataFrame:
         return store.load_results(self.path)
@@ -90,38 +91,31 @@ def execute(spec: dict, out: str | Path, *, resume: str | None = None, force: bo
     """Measures the plan of `spec` into a new run file under `out`, or what run `resume` is missing.
 
     Everything is validated before a run file is created or reopened; rows are written one by one
-    (a crash keeps what was measured). Ctrl-C ends the run as `interrupted`, its rows kept."""
+    (a crash keeps what was measured). Ctrl-C ends the run as `interrupted`, its rows kept.
+    Under torchrun the units are shared out among the ranks (lossbench.distributed): each measures its
+    share in its own process, and rank 0 writes every rank's rows into the one run."""
     err = err or Console(stderr=True)
     plan, impls = plan_of(spec)
     torch.set_num_threads(spec["threads"])  # explicit and recorded: CPU timings mean nothing without it
+    ranks = distributed.join(spec["devices"])
+    try:
+        return _execute(ranks, spec, plan, impls, out, resume, force, timeout_s, in_process, err)
+    finally:
+        ranks.close()
 
-    run_id = resume or records.new_run_id()
-    if resume:
-        meta = store.read_meta(out, resume)
-        if not force:
-            # Rows measured by other code, torch or hardware must not join the run's file unasked.
-            for device in spec["devices"]:
-                diff = records.provenance_difference(meta.get("provenance", {}).get(device, {}),
-                                                     records.provenance(run_id, device, spec["threads"]))
-                if diff:
-                    raise UsageError(f"run {run_id} cannot be resumed here: {diff}; resuming would mix two "
-                                     "versions in one file (--force resumes anyway, each new row with its own "
-                                     "provenance)")
-    provs = {d: records.provenance(run_id, d, spec["threads"], bandwidth.copy_gbps(d)) for d in spec["devices"]}
-    if resume:
-        done = store.done_keys(Path(out) / f"{run_id}.jsonl")
-        writer = store.RunWriter(out, run_id)
-        writer.meta.setdefault("resumes", []).append({"timestamp": records.now(), "forced": force,
-                                                      "provenance": provs})
-    else:
-        done = set()
-        writer = store.RunWriter(out, run_id, {"suite": plan.name, "spec": spec, "provenance": provs})
+
+def _execute(ranks: distributed.Solo, spec: dict, plan, impls, out, resume, force, timeout_s, in_process,
+             err: Console) -> RunOutcome:
+    run_id, provs, writer, done = _start(ranks, spec, plan, out, resume, force)
     todo = list(sweep.units(plan, lambda fam: impls[fam], done))
     total = sum(len(unit.modes) for unit in todo)
-    err.print(f"lossbench run {run_id}: suite {plan.name}, {len(plan.items)} cases, {total} rows to measure"
-              + (f" ({len(done)} already done)" if resume else "")
-              + f", devices {', '.join(spec['devices'])}, {spec['threads']} CPU threads -> {writer.path}")
-    if in_process:
+    own, common = ranks.share(todo, lambda unit: registry.get(unit.case.family, unit.impl))
+    if ranks.main:
+        err.print(f"lossbench run {run_id}: suite {plan.name}, {len(plan.items)} cases, {total} rows to measure"
+                  + (f" ({len(done)} already done)" if resume else "")
+                  + f", devices {', '.join(spec['devices'])}, {spec['threads']} CPU threads"
+                  + (f", {ranks.world_size} ranks" if ranks.distributed else "") + f" -> {writer.path}")
+    if in_process or ranks.distributed:  # under torchrun the process group lives in the rank itself
         runner = sweep.UnitRunner(provs.__getitem__, plan.budget_s)
     else:
         init = {"plugins": spec["plugins"], "threads": spec["threads"], "budget_s": plan.budget_s, "provenance": provs}
@@ -129,27 +123,100 @@ def execute(spec: dict, out: str | Path, *, resume: str | None = None, force: bo
     start = time.perf_counter()
     state = "failed"  # a bug in the harness itself: its traceback is shown, the rows so far are kept
     try:
+        # Only rank 0 shows progress: every rank's rows, as they are written.
         with Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=err, transient=False) as progress:
+                      TimeElapsedColumn(), console=err, transient=False, disable=not ranks.main) as progress:
             task = progress.add_task("starting", total=total)
 
-            def emit(row: dict) -> None:
+            def write(row: dict) -> None:
                 writer.write(row)
                 progress.update(task, advance=1, description=f"{row['family']} {row['impl']} {row['mode']}")
 
-            for unit in todo:
+            def measure(unit: sweep.Unit, emit: sweep.Emit) -> None:
                 progress.update(task, description=f"{unit.case.family} {unit.impl} {unit.case.label()[:24]}")
                 runner.run(unit, emit)
+
+            with ranks.rows(write) as emit:
+                for unit in own:
+                    measure(unit, emit)
+                ranks.run_together(common, measure, emit)  # collective units: on every rank alike
         state = "complete"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, distributed.RankLost) as exc:
         state = "interrupted"
-        err.print(f"interrupted: {writer.meta['rows']} rows kept in {writer.path}; "
-                  f"finish with: lossbench run --resume {run_id} --out {out}")
+        if ranks.main:
+            err.print((f"{exc}: " if isinstance(exc, distributed.RankLost) else "interrupted: ")
+                      + f"{writer.meta['rows']} rows kept in {writer.path}; "
+                      f"finish with: lossbench run --resume {run_id} --out {out}")
     finally:
         if isinstance(runner, IsolatedRunner):
             runner.close()
-        writer.close(state)
-    return RunOutcome(run_id, writer.path, state, total, time.perf_counter() - start)
+        if writer is not None:
+            writer.close(state)
+    return RunOutcome(run_id, Path(out) / f"{run_id}.jsonl", state, total, time.perf_counter() - start, ranks.main)
+
+
+def _start(ranks: distributed.Solo, spec: dict, plan, out, resume: str | None, force: bool):
+    """The run id, this rank's provenance per device it measures on, the run's writer (rank 0's alone; None
+    elsewhere) and the keys the run already has; every check made before anything is written."""
+    specs = ranks.gather(spec)
+    ranks.on_main(lambda: _same_plan(specs))
+    run_id = ranks.broadcast(resume or records.new_run_id())
+    here = {d: ranks.device(d) for d in spec["devices"]}  # where this rank measures each of the run's devices
+    mine = {d: records.provenance(run_id, here[d], spec["threads"]) for d in spec["devices"]}
+    current = ranks.gather(mine)  # every rank's, on rank 0
+    if resume and not force:
+        ranks.on_main(lambda: _check_resumable(store.read_meta(out, resume), current, run_id))
+    elif not resume:
+        ranks.on_main(lambda: _check_alike(current))
+    provs = {here[d]: {**mine[d], "copy_gbps": bandwidth.copy_gbps(here[d])} for d in spec["devices"]}
+    entries = ranks.gather(distributed.rank_entry(ranks, spec["devices"]))
+    opened = ranks.on_main(lambda: _open_run(spec, plan, out, run_id, resume, force,
+                                             {d: provs[here[d]] for d in spec["devices"]}, entries))
+    writer, done = opened or (None, None)
+    return run_id, provs, writer, ranks.broadcast(done)
+
+
+def _same_plan(specs: list[dict]) -> None:
+    for rank, other in enumerate(specs):
+        if other != specs[0]:
+            diff = sorted(k for k in other.keys() | specs[0].keys() if other.get(k) != specs[0].get(k))
+            raise UsageError(f"rank {rank} builds another plan than rank 0 ({', '.join(diff)} differ): every rank "
+                             "must run the same command in the same folder")
+
+
+def _check_alike(current: list[dict]) -> None:
+    """One run's rows must come from the same code, libraries, hardware and threads, whichever rank measured them."""
+    for rank, provs in enumerate(current[1:], 1):
+        for device, prov in provs.items():
+            diff = records.provenance_difference(current[0][device], prov)
+            if diff:
+                raise UsageError(f"rank {rank} ({prov['host']}) differs from rank 0 on {device}: {diff}")
+
+
+def _check_resumable(meta: dict, current: list[dict], run_id: str) -> None:
+    # Rows measured by other code, torch or hardware must not join the run's file unasked.
+    for rank, provs in enumerate(current):
+        for device, prov in provs.items():
+            diff = records.provenance_difference(meta.get("provenance", {}).get(device, {}), prov)
+            if diff:
+                where = f" on rank {rank} ({prov['host']})" if len(current) > 1 else ""
+                raise UsageError(f"run {run_id} cannot be resumed here{where}: {diff}; resuming would mix two "
+                                 "versions in one file (--force resumes anyway, each new row with its own "
+                                 "provenance)")
+
+
+def _open_run(spec: dict, plan, out, run_id: str, resume: str | None, force: bool, provs: dict,
+              ranks: list[dict]) -> tuple[store.RunWriter, set[tuple]]:
+    """The run's writer (rank 0's alone), and the keys of the rows it already has."""
+    sharded = {"world_size": len(ranks), "ranks": ranks} if len(ranks) > 1 else {}
+    if not resume:
+        return store.RunWriter(out, run_id, {"suite": plan.name, "spec": spec, "provenance": provs, **sharded}), set()
+    meta = store.read_meta(out, run_id)
+    done = distributed.planned_keys(store.done_keys(Path(out) / f"{run_id}.jsonl"), meta)
+    writer = store.RunWriter(out, run_id)
+    writer.meta.setdefault("resumes", []).append({"timestamp": records.now(), "forced": force,
+                                                  "provenance": provs, **sharded})
+    return writer, done
 
 
 def status_counts(df: pd.DataFrame) -> Counter:

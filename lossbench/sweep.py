@@ -80,9 +80,16 @@ class _CaseState:
     failure_stage: str = ""
 
 
+# Samples per timed row of a `collective` implementation: a fixed count, so that every rank makes the same
+# calls (an adaptive count would end on one rank while another still waits in a collective).
+COLLECTIVE_SAMPLES = 20
+
+
 class UnitRunner:
-    def __init__(self, prov_for: Callable[[str], dict[str, Any]], budget_s: float):
+    def __init__(self, prov_for: Callable[[str], dict[str, Any]], budget_s: float,
+                 collective_samples: int = COLLECTIVE_SAMPLES):
         self.prov_for, self.budget_s = prov_for, budget_s
+        self.collective_samples = collective_samples
         self._state: _CaseState | None = None
 
     def _case_state(self, case: Case) -> _CaseState:
@@ -175,7 +182,9 @@ class UnitRunner:
             fields = acc_fields[calls[mode]]
             try:
                 call = ModeCall(impl.fn, st.pristine, mode, fresh_inputs=fields["mutates_inputs"])
-                timing = time_callable(call, setup=call.setup, device=case.device, budget_s=self.budget_s)
+                fixed = {"min_samples": self.collective_samples, "max_samples": self.collective_samples}
+                timing = time_callable(call, setup=call.setup, device=case.device, budget_s=self.budget_s,
+                                       **(fixed if impl.collective else {}))
                 summary = stats.summarize(timing.samples_ms)
                 mem_fields = self._memory(call, case, st, impl, mode, result.mutated)
             except Exception as exc:

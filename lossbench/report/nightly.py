@@ -56,6 +56,8 @@ def nightly(spec: dict, results_dir: str | Path, *, threshold: float, timeout_s:
             markdown_path: str | None, json_path: str | None, console: Console, err: Console) -> int:
     pointer = read_pointer(results_dir)  # bad input is refused before anything runs
     outcome = run.execute(spec, results_dir, timeout_s=timeout_s, err=err)
+    if not outcome.writer:  # a torchrun rank other than 0: rank 0 compares and moves the baseline
+        return 0 if outcome.state == "complete" else 130
     if outcome.state != "complete":
         return 130
     head_rows = outcome.rows()
