@@ -14,7 +14,7 @@ import torch
 from . import devices
 
 PROVENANCE = ["run_id", "timestamp", "git_sha", "host", "device", "device_name", "torch_version",
-              "triton_version", "cuda_version", "threads", "copy_gbps"]
+              "triton_version", "cuda_version", "threads", "copy_gbps", "world_size"]
 CASE = ["family", "impl", "n", "c", "h", "dtype", "mode", "options", "input_dist", "label"]
 TIME = ["time_median_ms", "time_p20_ms", "time_p80_ms", "time_ci_low_ms", "time_ci_high_ms", "samples",
         "converged", "compile_ms", "raw_ms", "evict_ms"]
@@ -71,7 +71,15 @@ def provenance(run_id: str, device: str, threads: int, copy_gbps: float | None =
         "cuda_version": torch.version.cuda,
         "threads": threads,
         "copy_gbps": copy_gbps,  # the device's measured copy bandwidth, for pct_peak_bw
+        # ranks of the process group the row was measured in (torchrun), 1 alone: a collective
+        # implementation's time (vocab_parallel) is for that many ranks
+        "world_size": _world_size(),
     }
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 # What must not change within one run: the code, the libraries, the hardware and the thread count.

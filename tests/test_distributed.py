@@ -119,6 +119,7 @@ def test_two_gloo_ranks_write_one_run_with_every_unit_once(tmp_path, suite, sing
     # The collective implementation ran on both ranks (ok, where alone it is unsupported), a fixed sample count.
     (vp,) = [r for r in rows if r["impl"] == "vocab_parallel"]
     assert vp["status"] == "ok" and vp["samples"] == sweep.COLLECTIVE_SAMPLES, vp
+    assert {r["world_size"] for r in rows} == {2} and {r["world_size"] for r in single["rows"]} == {1}
     assert [r["status"] for r in single["rows"] if r["impl"] == "vocab_parallel"] == ["unsupported"]
     assert {r["status"] for r in rows} == {"ok"}
     # Only rank 0 speaks: one header, one table of results.
