@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import bandwidth, devices, distributed, records, registry, store, suites, sweep
+from . import bandwidth, devices, distributed, lanes, records, registry, store, suites, sweep
 from .errors import UsageError
 from .runners.isolation import IsolatedRunner
 
@@ -115,11 +115,13 @@ def _execute(ranks: distributed.Solo, spec: dict, plan, impls, out, resume, forc
                   + (f" ({len(done)} already done)" if resume else "")
                   + f", devices {', '.join(spec['devices'])}, {spec['threads']} CPU threads"
                   + (f", {ranks.world_size} ranks" if ranks.distributed else "") + f" -> {writer.path}")
+    init = {"plugins": spec["plugins"], "threads": spec["threads"], "budget_s": plan.budget_s, "provenance": provs}
     if in_process or ranks.distributed:  # under torchrun the process group lives in the rank itself
         runner = sweep.UnitRunner(provs.__getitem__, plan.budget_s)
+        at_once, own = [], own
     else:
-        init = {"plugins": spec["plugins"], "threads": spec["threads"], "budget_s": plan.budget_s, "provenance": provs}
         runner = IsolatedRunner(init, timeout_s, provs.__getitem__)
+        at_once, own = lanes.split(own)  # several CUDA devices: measured side by side, one worker each
     start = time.perf_counter()
     state = "failed"  # a bug in the harness itself: its traceback is shown, the rows so far are kept
     try:
@@ -132,11 +134,17 @@ def _execute(ranks: distributed.Solo, spec: dict, plan, impls, out, resume, forc
                 writer.write(row)
                 progress.update(task, advance=1, description=f"{row['family']} {row['impl']} {row['mode']}")
 
-            def measure(unit: sweep.Unit, emit: sweep.Emit) -> None:
+            def measure_with(unit_runner, unit: sweep.Unit, emit: sweep.Emit) -> None:
                 progress.update(task, description=f"{unit.case.family} {unit.impl} {unit.case.label()[:24]}")
-                runner.run(unit, emit)
+                unit_runner.run(unit, emit)
+
+            def measure(unit: sweep.Unit, emit: sweep.Emit) -> None:
+                measure_with(runner, unit, emit)
 
             with ranks.rows(write) as emit:
+                if at_once:
+                    lanes.run_concurrently(at_once, lambda: IsolatedRunner(init, timeout_s, provs.__getitem__),
+                                           measure_with, emit)
                 for unit in own:
                     measure(unit, emit)
                 ranks.run_together(common, measure, emit)  # collective units: on every rank alike
