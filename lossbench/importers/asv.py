@@ -80,6 +80,8 @@ def _declared_unsupported(family: str, impl: str, case: Case) -> str | None:
         return None
     if case.device == "cpu" and implementation.triton:
         return f"{impl} runs Triton kernels: no value on the CPU outside Triton's interpreter"
+    if implementation.collective:
+        return f"{impl} needs a process group of 2 or more ranks: asv runs one process"
     return implementation.why_unsupported(case)
 
 
