@@ -153,7 +153,9 @@ class UnitRunner:
         # Each mode's accuracy describes the call that mode times: fwd the no_grad call's loss,
         # fwd_bwd and bwd the forward + backward call's loss and gradients.
         calls = {m: "fwd" if m == "fwd" else "fwd_bwd" for m in modes}
-        acc = {call: self._accuracy(st, impl, call) for call in set(calls.values())}
+        # In mode order, never a set's: a set of strings iterates in a per-process (hash-seeded) order, and
+        # the ranks of a collective implementation must make their calls in the same order.
+        acc = {call: self._accuracy(st, impl, call) for call in dict.fromkeys(calls.values())}
         acc_fields = {}
         for call, result in acc.items():
             if isinstance(result, Exception):

@@ -19,8 +19,10 @@ from lossbench.registry import Implementation, get
 from lossbench.sweep import Unit
 
 PLUGIN = str(Path(__file__).with_name("rank_sleep_impl.py"))
-# 15 units, one mode each: nll and kl in two reductions x 3 implementations, and ce with vocab_parallel,
-# a collective implementation (every rank runs it; in a single process it is `unsupported`).
+# 21 rows: nll and kl in two reductions x 3 implementations in one mode, and ce in three modes with
+# vocab_parallel, a collective implementation (every rank runs it; in a single process it is `unsupported`).
+# Its fwd and fwd_bwd accuracy calls must come in the same order on every rank (they once followed a set's
+# hash-seeded order, and the ranks hung in different collectives).
 SUITE = textwrap.dedent("""
     description = "test_distributed: a tiny sweep"
     budget_s = 0.02
@@ -39,8 +41,9 @@ SUITE = textwrap.dedent("""
 
     [[group]]
     families = ["ce"]
+    modes = ["fwd", "fwd_bwd", "bwd"]
 """)
-UNITS = 15
+UNITS = 21
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
@@ -117,10 +120,11 @@ def test_two_gloo_ranks_write_one_run_with_every_unit_once(tmp_path, suite, sing
     rank1 = {key(u.case, u.impl, m) for u in shares[1] if not get(u.case.family, u.impl).collective for m in u.modes}
     assert rank1 and rank1 <= set(keys)
     # The collective implementation ran on both ranks (ok, where alone it is unsupported), a fixed sample count.
-    (vp,) = [r for r in rows if r["impl"] == "vocab_parallel"]
-    assert vp["status"] == "ok" and vp["samples"] == sweep.COLLECTIVE_SAMPLES, vp
+    vps = [r for r in rows if r["impl"] == "vocab_parallel"]
+    assert sorted(r["mode"] for r in vps) == ["bwd", "fwd", "fwd_bwd"]
+    assert all(vp["status"] == "ok" and vp["samples"] == sweep.COLLECTIVE_SAMPLES for vp in vps), vps
     assert {r["world_size"] for r in rows} == {2} and {r["world_size"] for r in single["rows"]} == {1}
-    assert [r["status"] for r in single["rows"] if r["impl"] == "vocab_parallel"] == ["unsupported"]
+    assert [r["status"] for r in single["rows"] if r["impl"] == "vocab_parallel"] == ["unsupported"] * 3
     assert {r["status"] for r in rows} == {"ok"}
     # Only rank 0 speaks: one header, one table of results.
     assert result.stderr.count("lossbench run ") == 1, result.stderr[-3000:]
