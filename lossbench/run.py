@@ -118,7 +118,7 @@ def _execute(ranks: distributed.Solo, spec: dict, plan, impls, out, resume, forc
     init = {"plugins": spec["plugins"], "threads": spec["threads"], "budget_s": plan.budget_s, "provenance": provs}
     if in_process or ranks.distributed:  # under torchrun the process group lives in the rank itself
         runner = sweep.UnitRunner(provs.__getitem__, plan.budget_s)
-        at_once, own = [], own
+        at_once = []
     else:
         runner = IsolatedRunner(init, timeout_s, provs.__getitem__)
         at_once, own = lanes.split(own)  # several CUDA devices: measured side by side, one worker each
