@@ -99,14 +99,13 @@ class _VocabParallelCE(torch.autograd.Function):
         row_scale = torch.where(kept, go if go.dim() else go.expand(n), 0.0)
         g = (g * row_scale.unsqueeze(1)).to(ctx.dtype)
         # every rank's slice into every rank's full gradient (slices differ in size by at most one class)
-        rank, world_size = world()
-        width = max(vocab_range(c, r, world_size)[1] - vocab_range(c, r, world_size)[0] for r in range(world_size))
-        padded = torch.zeros(n, width, dtype=g.dtype, device=g.device)
+        world_size = world()[1]
+        widths = [e - s for s, e in (vocab_range(c, r, world_size) for r in range(world_size))]
+        padded = torch.zeros(n, max(widths), dtype=g.dtype, device=g.device)
         padded[:, : end - start] = g
         slices = [torch.empty_like(padded) for _ in range(world_size)]
         dist.all_gather(slices, padded)
-        full = torch.cat([s[:, : vocab_range(c, r, world_size)[1] - vocab_range(c, r, world_size)[0]]
-                          for r, s in enumerate(slices)], dim=1)
+        full = torch.cat([s[:, :w] for s, w in zip(slices, widths)], dim=1)
         return full, None, None, None
 
 
