@@ -1,4 +1,4 @@
-"""`lossbench run | list | report | compare | nightly | history | kernels`: arguments in, one function per command.
+"""`lossbench run | list | report | compare | ab | nightly | history | kernels`: arguments in, one function per command.
 
 Bad input ends in one line on stderr and exit status 2."""
 from __future__ import annotations
@@ -15,6 +15,7 @@ from rich.table import Table
 
 from . import quiet_exit, registry, run, store, suites
 from .errors import UsageError
+from .ab import command as ab_command
 from .report import compare, history, nightly, run_report
 from .report.kernels import kernel_table
 from .report.table import family_tables
@@ -153,6 +154,27 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return cmp.exit_code()
 
 
+def cmd_ab(args: argparse.Namespace) -> int:
+    _check_timeout(args)
+    threshold = compare.threshold_from_pct(args.threshold)
+    if args.resume:
+        if args.base or args.head:
+            raise UsageError("--resume continues the run's own BASE and HEAD: give neither")
+        spec = None
+    elif not (args.base and args.head):
+        raise UsageError("ab needs BASE and HEAD (git refs or checkout directories), or --resume RUN_ID")
+    else:
+        # A relative plugin path stays relative: each side resolves it in its own checkout.
+        spec = _spec_from_args(argparse.Namespace(**{**vars(args), "plugin": []})) | {"plugins": args.plugin}
+    if args.min_rounds < 2:
+        raise UsageError(f"--min-rounds must be at least 2, not {args.min_rounds}")
+    return ab_command.ab(spec, args.base, args.head, args.results, threshold=threshold,
+                         base_python=args.base_python, head_python=args.head_python, resume=args.resume,
+                         timeout_s=args.timeout, budget_s=args.budget, min_rounds=args.min_rounds, seed=args.seed,
+                         markdown_path=args.markdown, json_path=args.json, console=_console(),
+                         err=_console(stderr=True))
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     return history.history(args.results, run.csv(args.family), run.csv(args.impl), args.out, _console())
 
@@ -240,6 +262,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_selection(nig, suite_default="nightly")
     _add_comparison_flags(nig, results_help="results folder holding the runs and baseline.json (default: results/)")
     nig.set_defaults(func=cmd_nightly)
+
+    abp = sub.add_parser("ab", help="measure BASE and HEAD side by side, samples interleaved in paired rounds, "
+                                     "and judge the change: exit 0 none regressed, 1 some did, 2 bad input")
+    abp.add_argument("base", metavar="BASE", nargs="?",
+                     help="git ref of the repository here (checked out into a temporary worktree) or a checkout directory")
+    abp.add_argument("head", metavar="HEAD", nargs="?", help="as BASE")
+    _add_selection(abp)
+    _add_comparison_flags(abp, results_help="results folder: the run goes to <results>/ab/ (default: results/)")
+    abp.add_argument("--base-python", help="the python BASE runs with (default: this one)")
+    abp.add_argument("--head-python", help="the python HEAD runs with (default: this one)")
+    abp.add_argument("--resume", metavar="RUN_ID", help="finish ab run RUN_ID in <results>/ab/")
+    abp.add_argument("--min-rounds", type=int, default=10, help="paired rounds per row at least (default 10)")
+    abp.add_argument("--seed", type=int, help="seed of the rounds' random order (default: fresh)")
+    abp.set_defaults(func=cmd_ab)
 
     his = sub.add_parser("history", help="every row's time, memory and accuracy over the runs in --results, and "
                                          "the changes in them (change points): a table and an HTML/Markdown report")

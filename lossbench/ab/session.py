@@ -1,0 +1,350 @@
+"""`lossbench ab BASE HEAD`: both sides measured in one job, their samples interleaved.
+
+Per unit (one implementation on one case), both sides' workers are alive together: each first runs its
+own sweep on the unit (accuracy, memory, status: untimed as far as the verdict goes), then the driver
+takes the two sides' samples in randomized ABBA rounds, one sample at a time (runners/pairing.py), so
+both see the same machine. Rows go to results/ab/<run_id>.jsonl as each unit finishes, both sides'
+rows of the unit together, each with its `side` and, per raw sample, its `pair_round`. A killed run
+resumes (--resume): a unit is done when both sides' rows of it are in the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .. import records, store
+from ..errors import UsageError
+from ..records import KEY
+from ..runners import pairing, stats
+from .sides import Side, open_side
+
+WORKER = Path(__file__).with_name("worker.py")
+SIDES = ("base", "head")
+STARTUP_TIMEOUT_S = 300.0
+SAMPLE_TIMEOUT_S = 120.0
+
+
+class WorkerFailed(Exception):
+    def __init__(self, status: str, why: str):
+        super().__init__(why)
+        self.status = status  # "crash" | "timeout"
+
+
+class Worker:
+    """One side's worker process (worker.py under the side's python, in the side's checkout)."""
+
+    def __init__(self, side: Side, init: dict, log_path: Path):
+        self.side, self.init, self.log_path = side, init, log_path
+        self.proc = None
+        self.info: dict = {}
+
+    def start(self) -> dict:
+        to_r, to_w = os.pipe()
+        from_r, from_w = os.pipe()
+        env = {**os.environ, "LOSSBENCH_AB_FDS": f"{to_r},{from_w}",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(self.side.path), os.environ.get("PYTHONPATH")]))}
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([self.side.python, str(WORKER)], cwd=self.side.path, env=env,
+                                     pass_fds=(to_r, from_w), stdin=subprocess.DEVNULL, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        os.close(to_r)
+        os.close(from_w)
+        self._out = os.fdopen(to_w, "w")
+        self._in = from_r
+        self._buf = b""
+        self.info = self.request({"op": "init", **self.init}, STARTUP_TIMEOUT_S)
+        return self.info
+
+    def request(self, payload: dict, timeout_s: float) -> dict:
+        try:
+            self._out.write(json.dumps(payload) + "\n")
+            self._out.flush()
+        except (BrokenPipeError, OSError):
+            raise WorkerFailed("crash", self._death()) from None
+        deadline = time.monotonic() + timeout_s
+        while b"\n" not in self._buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.kill()
+                raise WorkerFailed("timeout", f"no answer within {timeout_s:g} s")
+            ready, _, _ = select.select([self._in], [], [], min(remaining, 1.0))
+            if ready:
+                chunk = os.read(self._in, 1 << 16)
+                if not chunk:
+                    raise WorkerFailed("crash", self._death())
+                self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        reply = json.loads(line)
+        if "error" in reply:
+            if reply.get("usage"):
+                raise UsageError(f"{self.side.name} {self.side.ref!r}: {reply['error']}")
+            raise RuntimeError(reply["error"] + ("\n" + reply["traceback"] if reply.get("traceback") else ""))
+        return reply["ok"]
+
+    def _death(self) -> str:
+        try:
+            code = self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            code = None
+        tail = ""
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+            tail = f"; its last output: {lines[-1][:200]}" if lines else ""
+        except OSError:
+            pass
+        from ..runners.isolation import describe_exit
+        return describe_exit(code) + tail
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+            for f in (self._out,):
+                try:
+                    f.close()
+                except OSError:
+                    pass
+            os.close(self._in)
+            self.log.close()
+        self.proc = None
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self._out.write(json.dumps({"op": "quit"}) + "\n")
+                self._out.flush()
+                self.proc.wait(10)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        self.kill()
+
+
+@dataclass
+class Outcome:
+    run_id: str
+    path: Path
+    state: str       # complete | interrupted
+    measured: int    # units measured by this invocation
+    elapsed_s: float
+
+
+def _unit_id(u: dict) -> str:
+    return json.dumps([u["case"], u["impl"], u["modes"]], sort_keys=True)
+
+
+def _row_keys(u: dict) -> list[tuple]:
+    """The records.KEY of each of the unit's rows, as stored."""
+    c = u["case"]
+    options = json.dumps(dict(c["options_items"]), sort_keys=True, separators=(",", ":"))
+    return [(c["device"], c["family"], u["impl"], m, c["n"], c["c"], c["h"], c["dtype"], options, c["input_dist"])
+            for m in u["modes"]]
+
+
+def open_run(spec: dict, base: str, head: str, out: str | Path, *, base_python: str | None,
+             head_python: str | None, resume: str | None) -> tuple[store.RunWriter, dict[str, Side], set]:
+    """The run's writer and its two sides (made and checked before any worker starts), and the
+    (side, key) pairs of rows a resumed run already has."""
+    folder = Path(out) / "ab"
+    if resume:
+        meta = store.read_meta(folder, resume)
+        if meta.get("kind") != "ab":
+            raise UsageError(f"run {resume} is not an ab run")
+        spec, sides_meta = meta["spec"], meta["sides"]
+    else:
+        sides_meta = {"base": {"ref": base, "python": base_python}, "head": {"ref": head, "python": head_python}}
+    sides: dict[str, Side] = {}
+    try:
+        for name in SIDES:
+            m = sides_meta[name]
+            sides[name] = open_side(name, m["ref"], m["python"], spec["plugins"], sha=m.get("sha"))
+        if sides["base"].path == sides["head"].path:
+            raise UsageError(f"base and head are the same checkout ({sides['base'].path}): give two refs or "
+                             "two directories")
+        if resume:
+            writer = store.RunWriter(folder, resume)
+            done = {(r.get("side"), records.key_of(r)) for r in store._read_run_file(writer.path)}
+        else:
+            meta = {"kind": "ab", "spec": spec, "sides": {
+                n: {"ref": s.ref, "sha": s.sha, "python": sides_meta[n]["python"], "plugins": s.plugins}
+                for n, s in sides.items()}}
+            writer = store.RunWriter(folder, records.new_run_id(), meta)
+            done = set()
+    except BaseException:
+        for s in sides.values():
+            s.close()
+        raise
+    return writer, sides, done
+
+
+def run(spec: dict, base: str, head: str, out: str | Path, *, base_python: str | None = None,
+        head_python: str | None = None, resume: str | None = None, timeout_s: float = 600.0,
+        budget_s: float | None = None, min_rounds: int = 10, max_rounds: int = 200, seed: int | None = None,
+        err: Console | None = None) -> Outcome:
+    err = err or Console(stderr=True)
+    writer, sides, done = open_run(spec, base, head, out, base_python=base_python, head_python=head_python,
+                                   resume=resume)
+    run_id = writer.meta["run_id"]
+    spec = writer.meta["spec"]
+    rng = np.random.default_rng(seed)
+    workers: dict[str, Worker] = {}
+    state, measured, start = "failed", 0, time.perf_counter()
+    try:
+        for name, side in sides.items():
+            side_spec = {**spec, "plugins": side.plugins}
+            workers[name] = Worker(side, {"spec": side_spec, "run_id": run_id, "side": name, "git_sha": side.sha},
+                                   writer.dir / f"{run_id}.{name}.log")
+        infos = {}
+        for name, w in workers.items():
+            try:
+                infos[name] = w.start()
+            except WorkerFailed as exc:
+                raise UsageError(f"the {name} worker ({sides[name].ref!r}) did not start: {exc}") from None
+        _check_lossbench(sides, infos)
+        units = {name: {_unit_id(u): u for u in infos[name]["units"]} for name in SIDES}
+        order = list(units["base"]) + [k for k in units["head"] if k not in units["base"]]
+        todo = [k for k in order if not all((n, key) in done for n in SIDES if k in units[n]
+                                            for key in _row_keys(units[n][k]))]
+        budget = budget_s if budget_s is not None else _suite_budget(spec)
+        err.print(f"lossbench ab {run_id}: base {sides['base'].ref} ({sides['base'].sha[:10]}) vs head "
+                  f"{sides['head'].ref} ({sides['head'].sha[:10]}), {len(todo)} units to measure"
+                  + (f" ({len(order) - len(todo)} already done)" if resume else "") + f" -> {writer.path}")
+        with Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err) as progress:
+            task = progress.add_task("starting", total=len(todo))
+            for k in todo:
+                u = units["base"].get(k) or units["head"][k]
+                progress.update(task, description=f"{u['case']['family']} {u['impl']} {u['case']['n']}x{u['case']['c']}"[:40])
+                rows = _measure_unit(k, units, workers, sides, rng, timeout_s, budget, min_rounds, max_rounds)
+                for row in rows:
+                    writer.write(row)
+                measured += 1
+                progress.update(task, advance=1)
+        state = "complete"
+    except KeyboardInterrupt:
+        state = "interrupted"
+        err.print(f"interrupted: {writer.meta['rows']} rows kept in {writer.path}; finish with: "
+                  f"lossbench ab --resume {run_id} --results {out}")
+    finally:
+        for w in workers.values():
+            w.close()
+        for s in sides.values():
+            s.close()
+        writer.close(state)
+    return Outcome(run_id, writer.path, state, measured, time.perf_counter() - start)
+
+
+def _check_lossbench(sides: dict[str, Side], infos: dict[str, dict]) -> None:
+    """A side whose checkout holds lossbench itself must have run that lossbench, not an installed one."""
+    for name, side in sides.items():
+        own = side.path / "lossbench" / "__init__.py"
+        used = Path(infos[name]["lossbench"]).resolve()
+        if own.is_file() and used != own.resolve():
+            raise UsageError(f"{name} {side.ref!r} holds lossbench, but its python imported {used}")
+
+
+def _suite_budget(spec: dict) -> float:
+    from ..run import plan_of
+
+    return plan_of(spec)[0].budget_s
+
+
+def _measure_unit(k: str, units: dict, workers: dict[str, Worker], sides: dict[str, Side],
+                  rng: np.random.Generator, timeout_s: float, budget_s: float, min_rounds: int,
+                  max_rounds: int) -> list[dict]:
+    """Both sides' rows of one unit: prepared on each side (in random order), then the modes that ran on
+    both sampled in ABBA rounds."""
+    present = [n for n in SIDES if k in units[n]]
+    rows: dict[str, list[dict]] = {}
+    deadline = time.monotonic() + timeout_s
+    for name in rng.permutation(present):
+        u = units[name][k]
+        try:
+            _ensure_started(workers[name])
+            rows[name] = workers[name].request({"op": "prepare", "unit": u}, max(deadline - time.monotonic(), 1))["rows"]
+        except (WorkerFailed, RuntimeError) as exc:
+            status = exc.status if isinstance(exc, WorkerFailed) else "crash"
+            workers[name].kill()
+            rows[name] = _failed_rows(u, workers[name], status, str(exc).splitlines()[0])
+    if len(present) == 2:
+        by_mode = {n: {r["mode"]: r for r in rows[n]} for n in SIDES}
+        for mode in units["base"][k]["modes"]:
+            b, h = by_mode["base"].get(mode), by_mode["head"].get(mode)
+            if not (b and h and b["status"] == "ok" and h["status"] == "ok"):
+                continue
+            try:
+                paired = pairing.abba(_sampler(workers["base"], mode, deadline), _sampler(workers["head"], mode, deadline),
+                                      rng=rng, min_rounds=min_rounds, max_rounds=max_rounds, budget_s=2 * budget_s)
+            except WorkerFailed as exc:
+                for name in SIDES:
+                    workers[name].kill()
+                why = f"during the paired samples: {exc}"
+                for r in (b, h):
+                    r.update(status=exc.status, error=why)
+                continue
+            _set_times(b, paired.a_ms, paired.a_evict_ms, paired.a_round, paired.converged)
+            _set_times(h, paired.b_ms, paired.b_evict_ms, paired.b_round, paired.converged)
+    out = []
+    for name in present:
+        for r in rows[name]:
+            r["side"] = name
+            r.setdefault("pair_round", None)
+            out.append(r)
+    return out
+
+
+def _ensure_started(w: Worker) -> None:
+    if w.proc is None:
+        w.start()
+
+
+def _sampler(w: Worker, mode: str, deadline: float):
+    def sample() -> tuple[float, float]:
+        reply = w.request({"op": "sample", "mode": mode},
+                          max(min(SAMPLE_TIMEOUT_S, deadline - time.monotonic()), 1.0))
+        return reply["ms"], reply["evict_ms"]
+    return sample
+
+
+def _set_times(row: dict, ms: list[float], evict: list[float], rounds: list[int], converged: bool) -> None:
+    row.update(stats.summarize(ms))
+    row.update(raw_ms=[round(x, 6) for x in ms], evict_ms=[round(x, 6) for x in evict], pair_round=list(rounds),
+               converged=converged)
+
+
+def _failed_rows(u: dict, w: Worker, status: str, why: str) -> list[dict]:
+    from ..cases import Case
+
+    c = dict(u["case"])
+    c["options_items"] = tuple(tuple(x) for x in c["options_items"])
+    case = Case(**c)
+    prov = (w.info.get("provenance") or {}).get(case.device) or {"device": case.device}
+    return [records.row(prov, case, u["impl"], m, status=status, error=why) for m in u["modes"]]
+
+
+def rows_by_side(path: str | Path):
+    """An ab run file's rows as (base, head) DataFrames, a re-measured row replacing its first try."""
+    df = store.load_results(path)
+    if "side" not in df.columns or df.empty:
+        raise UsageError(f"{path} is not an ab run (no side column)")
+    out = []
+    for name in SIDES:
+        s = df[df["side"] == name].copy()
+        s["_k"] = [json.dumps([None if isinstance(v, float) and v != v else v for v in t])
+                   for t in s[KEY].itertuples(index=False)]
+        out.append(s.drop_duplicates("_k", keep="last").drop(columns="_k").reset_index(drop=True))
+    return tuple(out)
+
+
+def main_python() -> str:
+    return sys.executable

@@ -1,0 +1,170 @@
+"""One side's worker of `lossbench ab`: run by path, with the side's python, in the side's directory.
+
+It imports `lossbench` from the side's checkout when that has one (the side's directory comes first on
+PYTHONPATH), else the side's python's installed lossbench: so two commits of lossbench, or two commits
+of a user's plugin under one lossbench, can be set against each other. This file is the driver's and is
+never imported from the side; it uses only lossbench modules that every side must have (plan, sweep,
+inputs, timing's cache eviction).
+
+Requests and replies are JSON lines on two pipes (file descriptors in LOSSBENCH_AB_FDS), so that
+whatever the side prints (torch, inductor, a plugin) cannot garble them:
+  init {spec, run_id, side, git_sha}   -> {units, lossbench, provenance}
+  prepare {unit}                        -> {rows}   accuracy, memory and status of the unit, untimed calls
+                                                   warmed up for each mode that ran
+  sample {mode}                         -> {ms, evict_ms}   one timed sample, caches evicted before it
+  quit
+Every reply is {"ok": ...} or {"error": one line, "usage": true when it is the user's input}.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+
+
+def _send(out, payload: dict) -> None:
+    out.write(json.dumps(payload) + "\n")
+    out.flush()
+
+
+class _Side:
+    def __init__(self, init: dict):
+        import torch
+
+        from lossbench import bandwidth, records, run, sweep
+
+        spec = init["spec"]
+        self.torch = torch
+        torch.set_num_threads(spec["threads"])
+        plan, impls = run.plan_of(spec)  # loads the side's plugins: UsageError when one fails
+        self.units = {}
+        for unit in sweep.units(plan, lambda fam: impls[fam]):
+            self.units[_unit_key(unit)] = unit
+        self.provs = {}
+        for device in spec["devices"]:
+            prov = records.provenance(init["run_id"], device, spec["threads"])
+            # The side's commit, whichever checkout lossbench itself was imported from.
+            prov["git_sha"] = init["git_sha"]
+            prov["copy_gbps"] = bandwidth.copy_gbps(device)
+            self.provs[device] = prov
+        self.runner = sweep.UnitRunner(self.provs.__getitem__, budget_s=0.0)
+        self.calls = {}
+
+    def describe(self) -> dict:
+        import lossbench
+
+        return {"units": [_unit_json(u) for u in self.units.values()], "lossbench": lossbench.__file__,
+                "provenance": self.provs}
+
+    def prepare(self, unit_json: dict) -> dict:
+        from lossbench.cases import make_inputs
+        from lossbench.registry import get
+        from lossbench.runners.calls import ModeCall
+
+        unit = self.units[_key_of_json(unit_json)]
+        self.calls = {}
+        gc.collect()
+        rows = []
+        # The side's own sweep: accuracy, memory and status, with its own few unpaired samples (the
+        # driver replaces the timing with the paired samples).
+        self.runner.run(unit, rows.append)
+        ok = [r["mode"] for r in rows if r["status"] == "ok"]
+        if ok:
+            impl = get(unit.case.family, unit.impl)
+            pristine = make_inputs(unit.case)
+            mutates = {r["mode"]: bool(r.get("mutates_inputs")) for r in rows}
+            for mode in ok:
+                call = ModeCall(impl.fn, pristine, mode, fresh_inputs=mutates[mode])
+                for _ in range(2):  # warm-up: the runner already compiled; caches and allocator settle
+                    call.setup()
+                    call()
+                self.calls[mode] = (call, unit.case.device)
+        return {"rows": rows}
+
+    def sample(self, mode: str) -> dict:
+        from lossbench.devices import synchronize
+        from lossbench.runners.timing import flush_caches
+
+        call, device = self.calls[mode]
+        dev = self.torch.device(device)
+        call.setup()
+        t0 = time.perf_counter()
+        flush_caches(dev)
+        synchronize(dev)
+        evict_ms = (time.perf_counter() - t0) * 1e3
+        enabled = gc.isenabled()
+        gc.disable()  # a collection would land inside the sample
+        try:
+            if dev.type == "cuda":
+                start, end = self.torch.cuda.Event(enable_timing=True), self.torch.cuda.Event(enable_timing=True)
+                start.record()
+                call()
+                end.record()
+                synchronize(dev)
+                ms = start.elapsed_time(end)
+            else:
+                t0 = time.perf_counter()
+                call()
+                ms = (time.perf_counter() - t0) * 1e3
+        finally:
+            if enabled:
+                gc.enable()
+        return {"ms": ms, "evict_ms": evict_ms}
+
+
+def _unit_key(unit) -> str:
+    import dataclasses
+
+    return json.dumps([dataclasses.asdict(unit.case), unit.impl, list(unit.modes)], sort_keys=True)
+
+
+def _unit_json(unit) -> dict:
+    import dataclasses
+
+    return {"case": dataclasses.asdict(unit.case), "impl": unit.impl, "modes": list(unit.modes)}
+
+
+def _key_of_json(u: dict) -> str:
+    return json.dumps([u["case"], u["impl"], u["modes"]], sort_keys=True)
+
+
+def main() -> int:
+    fd_in, fd_out = (int(x) for x in os.environ["LOSSBENCH_AB_FDS"].split(","))
+    inp, out = os.fdopen(fd_in, "r"), os.fdopen(fd_out, "w")
+    side = None
+    for line in inp:
+        req = json.loads(line)
+        op = req.get("op")
+        if op == "quit":
+            break
+        try:
+            if op == "init":
+                try:
+                    side = _Side(req)
+                except ImportError as exc:
+                    _send(out, {"error": f"its lossbench cannot run ab's worker ({exc})", "usage": True})
+                    continue
+                reply = side.describe()
+            elif op == "prepare":
+                reply = side.prepare(req["unit"])
+            elif op == "sample":
+                reply = side.sample(req["mode"])
+            else:
+                reply = {"error": f"unknown request {op!r}"}
+                _send(out, reply)
+                continue
+            _send(out, {"ok": reply})
+        except Exception as exc:  # noqa: BLE001 - every failure is a reply; the driver decides
+            usage = type(exc).__name__ == "UsageError"
+            text = str(exc).strip().splitlines()
+            _send(out, {"error": f"{'' if usage else type(exc).__name__ + ': '}{text[0] if text else ''}",
+                        "usage": usage, "traceback": "" if usage else traceback.format_exc()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p) != os.path.dirname(os.path.abspath(__file__))]
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Verdicts of an ab run: per row and metric, regressed / improved / unchanged / inconclusive, with the
+exit codes of `lossbench compare` (0 none regressed, 1 some did, 2 bad input).
+
+time: per row, the paired log-ratios of its rounds (head over base, runners/pairing.py): their median as
+  the change, its distribution-free 95% CI, a Wilcoxon signed-rank p; false-discovery control over the
+  run's time rows (Benjamini-Hochberg, scipy.stats.false_discovery_control). regressed / improved:
+  q < ALPHA and the median beyond the threshold; unchanged: the CI inside it; inconclusive: neither.
+  No between-run term and no neighbour drift as in compare: the two sides were sampled in the same
+  rounds, so the machine's state is in both.
+memory, accuracy, status: as in compare (the same functions).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from scipy import stats
+
+from ..ab.session import SIDES, rows_by_side
+from ..errors import UsageError
+from ..runners import pairing
+from . import compare
+
+ALPHA = compare.ALPHA
+
+
+def verdicts(path: str | Path, threshold: float) -> compare.Comparison:
+    base_rows, head_rows = rows_by_side(path)
+    if base_rows.empty or head_rows.empty:
+        raise UsageError(f"{path}: one side has no rows (the run stopped before its first unit?)")
+    name = Path(path).stem
+    base = compare.Run(f"base@{_sha(base_rows)}", f"{name} base", base_rows, Path(path))
+    head = compare.Run(f"head@{_sha(head_rows)}", f"{name} head", head_rows, Path(path))
+    b, h = compare._keyed(base_rows), compare._keyed(head_rows)
+    both = pd.merge(b, h, left_index=True, right_index=True, suffixes=("_b", "_h"))
+    out = [compare._one_sided(r, "missing") for _, r in b.loc[b.index.difference(h.index)].iterrows()]
+    out += [compare._one_sided(r, "added") for _, r in h.loc[h.index.difference(b.index)].iterrows()]
+    for _, r in both.iterrows():
+        out += compare._status_verdict(r)
+        if r["status_b"] == "ok" and r["status_h"] == "ok":
+            out += compare._memory_verdict(r, threshold) + compare._accuracy_verdict(r)
+    timed, noise = _time_verdicts(both, threshold)
+    v = pd.concat([pd.DataFrame(out), timed], ignore_index=True)
+    v["_rank"] = v["verdict"].map(compare.VERDICTS.index)
+    v = v.sort_values(["_rank", "severity"], ascending=[True, False], kind="stable")
+    return compare.Comparison(base, head, threshold, v.drop(columns="_rank").reset_index(drop=True), noise)
+
+
+def _sha(rows: pd.DataFrame) -> str:
+    shas = rows["git_sha"].dropna()
+    return str(shas.iloc[0])[:10] if len(shas) else "?"
+
+
+def _time_verdicts(both: pd.DataFrame, threshold: float) -> tuple[pd.DataFrame, dict]:
+    recs = []
+    for _, r in both[(both["status_b"] == "ok") & (both["status_h"] == "ok")].iterrows():
+        if not isinstance(r.get("pair_round_b"), list) or not isinstance(r.get("pair_round_h"), list):
+            continue
+        d = pairing.log_ratios(r["raw_ms_b"], r["pair_round_b"], r["raw_ms_h"], r["pair_round_h"])
+        s = pairing.summarize(d)
+        if s.rounds < 2 or not math.isfinite(s.p):
+            continue
+        recs.append((r, s, float(np.median(d))))
+    if not recs:
+        return pd.DataFrame(), {}
+    q = stats.false_discovery_control([s.p for _, s, _ in recs], method="bh")
+    bound = math.log1p(threshold)
+    out = []
+    for (r, s, med), qi in zip(recs, q):
+        lo, hi = math.log(s.ci_low), math.log(s.ci_high)
+        if qi < ALPHA and med > bound:
+            v = "regressed"
+        elif qi < ALPHA and med < -bound:
+            v = "improved"
+        elif -bound <= lo and hi <= bound:
+            v = "unchanged"
+        else:
+            v = "inconclusive"
+        note = f"{s.rounds} paired rounds, sd of log-ratio {100 * s.sd_log:.2g}%"
+        if v == "inconclusive":
+            note += "; more rounds (--budget) narrow the interval"
+        out.append(compare._verdict(r, "time", v, float(r["time_median_ms_b"]), float(r["time_median_ms_h"]),
+                                    s.ratio, s.ci_low, s.ci_high, s.p, float(qi), note=note, severity=abs(med)))
+    noise = {}
+    df = pd.DataFrame({"device": [r["device_h"] for r, _, _ in recs], "sd": [s.sd_log for _, s, _ in recs],
+                       "med": [m for _, _, m in recs]})
+    for device, g in df.groupby("device"):
+        noise[device] = {"paired_sd_pct": 100 * float(np.median(g["sd"])), "rows": len(g),
+                         "median_change_pct": 100 * (math.exp(float(np.median(g["med"]))) - 1)}
+    return pd.DataFrame(out), noise
+
+
+def summary_lines(cmp: compare.Comparison) -> list[str]:
+    counts = ", ".join(f"{n} {v}" for v, n in cmp.counts().items())
+    lines = [f"{cmp.base.name} -> {cmp.head.name}: threshold {cmp.threshold * 100:g}%, paired rounds, "
+             f"false-discovery rate {ALPHA:g} over time rows; {counts}"]
+    for device, n in cmp.noise.items():
+        lines.append(f"{device}: paired noise (sd of a round's log-ratio, median over {n['rows']} rows) "
+                     f"{n['paired_sd_pct']:.2f}%; median change over the rows {n['median_change_pct']:+.2f}%")
+    return lines
+
+
+def write(cmp: compare.Comparison, console: Console, markdown_path: str | None = None,
+          json_path: str | None = None) -> None:
+    df = compare.display_frame(cmp)
+    lines = summary_lines(cmp)
+    if df.empty:
+        console.print(lines[0])
+    else:
+        table = compare.terminal_table(cmp)
+        table.title = "lossbench ab: " + lines[0]
+        console.print(table)
+    for line in lines[1:]:
+        console.print(line)
+    if markdown_path:
+        body = df.to_markdown(index=False) if not df.empty else "Every matched row is unchanged."
+        Path(markdown_path).write_text("## lossbench ab\n\n" + "\n".join(f"- {x}" for x in lines) + "\n\n" + body + "\n")
+    if json_path:
+        import json
+
+        data = compare.to_json(cmp)
+        data.update(base=cmp.base.name, head=cmp.head.name, paired=True)
+        Path(json_path).write_text(json.dumps(data, indent=1))
+
+
+__all__ = ["verdicts", "write", "summary_lines", "SIDES"]

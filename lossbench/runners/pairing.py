@@ -1,0 +1,110 @@
+"""Paired, interleaved sampling of two sides (A/B) and the statistics of their paired ratios.
+
+Comparing one run with another cannot beat the spread between runs (~12% on the shared 2-core host
+this was built on): the machine's speed moves between them. Samples of both sides taken in the same
+seconds see the same machine (RMIT, Abedi & Brecht, ICPE 2017; duet benchmarking, Bulej et al.,
+ICPE 2020). A round is ABBA or BAAB, drawn at random: a linear drift of the machine's speed within a
+round falls on both sides alike, and the random order keeps a periodic disturbance from lining up
+with one side. A round's paired log-ratio is log(b1 + b2) - log(a1 + a2).
+
+Used by `lossbench ab` (the two sides are two worker processes) and by the sweep (an implementation
+against torch_functional on the same case, in one process).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from scipy import stats
+
+from .stats import median_ci
+
+Sampler = Callable[[], tuple[float, float]]  # one timed sample: (ms, the eviction before it in ms)
+
+
+@dataclass
+class Paired:
+    """Both sides' samples in the order taken, each with its round."""
+    a_ms: list[float] = field(default_factory=list)
+    b_ms: list[float] = field(default_factory=list)
+    a_evict_ms: list[float] = field(default_factory=list)
+    b_evict_ms: list[float] = field(default_factory=list)
+    a_round: list[int] = field(default_factory=list)
+    b_round: list[int] = field(default_factory=list)
+    orders: list[str] = field(default_factory=list)  # per round: "ABBA" or "BAAB"
+    converged: bool = False
+
+    def log_ratios(self) -> np.ndarray:
+        """Per round, log(sum of B's samples) - log(sum of A's)."""
+        return log_ratios(self.a_ms, self.a_round, self.b_ms, self.b_round)
+
+    def take(self, side: str, ms: float, evict_ms: float, rnd: int) -> None:
+        getattr(self, f"{side.lower()}_ms").append(ms)
+        getattr(self, f"{side.lower()}_evict_ms").append(evict_ms)
+        getattr(self, f"{side.lower()}_round").append(rnd)
+
+
+def log_ratios(a_ms, a_round, b_ms, b_round) -> np.ndarray:
+    a, b = _per_round(a_ms, a_round), _per_round(b_ms, b_round)
+    common = sorted(a.keys() & b.keys())
+    return np.array([math.log(b[r]) - math.log(a[r]) for r in common if a[r] > 0 and b[r] > 0])
+
+
+def _per_round(ms, rounds) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for t, r in zip(ms, rounds):
+        out[int(r)] = out.get(int(r), 0.0) + float(t)
+    return out
+
+
+def abba(sample_a: Sampler, sample_b: Sampler, *, rng: np.random.Generator, min_rounds: int = 10,
+         max_rounds: int = 200, budget_s: float = 1.0, rel_ci: float = 0.01,
+         first_round: int = 0) -> Paired:
+    """Rounds of ABBA / BAAB until the 95% CI of the median paired log-ratio is within +-rel_ci, or the
+    budget (seconds, both sides together) ends; at least min_rounds, at most max_rounds."""
+    if not 1 <= min_rounds <= max_rounds:
+        raise ValueError(f"need 1 <= min_rounds <= max_rounds, got {min_rounds}, {max_rounds}")
+    out = Paired()
+    start = time.perf_counter()
+    for i in range(max_rounds):
+        rnd = first_round + i
+        order = "ABBA" if rng.random() < 0.5 else "BAAB"
+        out.orders.append(order)
+        for side in order:
+            ms, evict = (sample_a if side == "A" else sample_b)()
+            out.take(side, ms, evict, rnd)
+        n = i + 1
+        if n < min_rounds:
+            continue
+        d = out.log_ratios()
+        low, high = median_ci(d)
+        out.converged = (high - low) / 2 <= rel_ci
+        if out.converged or time.perf_counter() - start >= budget_s:
+            break
+    return out
+
+
+@dataclass(frozen=True)
+class PairedSummary:
+    ratio: float      # exp(median paired log-ratio): B's time over A's
+    ci_low: float     # 95% distribution-free CI of that median, as ratios
+    ci_high: float
+    p: float          # Wilcoxon signed-rank test of the log-ratios against 0 (two-sided)
+    sd_log: float     # standard deviation of the paired log-ratios: the pairing's noise
+    rounds: int
+
+
+def summarize(d: np.ndarray) -> PairedSummary:
+    """The median of the paired log-ratios with its order-statistic CI (as the rows' own time CI), and
+    a Wilcoxon signed-rank p-value (scipy.stats): the test for paired samples, no normality assumed."""
+    d = np.asarray(d, dtype=float)
+    d = d[np.isfinite(d)]
+    if len(d) < 2:
+        return PairedSummary(math.nan, math.nan, math.nan, math.nan, math.nan, len(d))
+    low, high = median_ci(d)
+    p = 1.0 if not np.any(d) else float(stats.wilcoxon(d).pvalue)
+    return PairedSummary(math.exp(float(np.median(d))), math.exp(low), math.exp(high), p,
+                         float(np.std(d, ddof=1)), len(d))
