@@ -32,6 +32,11 @@ WORKER = Path(__file__).with_name("worker.py")
 SIDES = ("base", "head")
 STARTUP_TIMEOUT_S = 300.0
 SAMPLE_TIMEOUT_S = 120.0
+# The side not sampling must leave the cores alone. OpenMP's threads spin after a parallel region
+# (GNU OpenMP: up to ~0.3 s by default) and so stole the cores from the other side's next sample: with
+# spinning, torch_functional ce 2048x1000 float32 read 3 ms or 7 ms at random (paired sd 60-85%). Passive
+# waiting costs both sides the same wake-up per parallel region. A user's own setting is kept.
+IDLE_ENV = {k: v for k, v in {"OMP_WAIT_POLICY": "PASSIVE"}.items() if k not in os.environ}
 
 
 class WorkerFailed(Exception):
@@ -51,7 +56,7 @@ class Worker:
     def start(self) -> dict:
         to_r, to_w = os.pipe()
         from_r, from_w = os.pipe()
-        env = {**os.environ, "LOSSBENCH_AB_FDS": f"{to_r},{from_w}",
+        env = {**os.environ, "LOSSBENCH_AB_FDS": f"{to_r},{from_w}", **IDLE_ENV,
                "PYTHONPATH": os.pathsep.join(filter(None, [str(self.side.path), os.environ.get("PYTHONPATH")]))}
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([self.side.python, str(WORKER)], cwd=self.side.path, env=env,

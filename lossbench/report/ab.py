@@ -110,9 +110,7 @@ def write(cmp: compare.Comparison, console: Console, markdown_path: str | None =
     if df.empty:
         console.print(lines[0])
     else:
-        table = compare.terminal_table(cmp)
-        table.title = "lossbench ab: " + lines[0]
-        console.print(table)
+        console.print(compare.terminal_table(cmp, title="lossbench ab: " + lines[0]))
     for line in lines[1:]:
         console.print(line)
     if markdown_path:

@@ -625,9 +625,9 @@ def summary_lines(cmp: Comparison) -> list[str]:
 _STYLE = {"regressed": "bold red", "missing": "red", "inconclusive": "yellow", "improved": "green", "added": "cyan"}
 
 
-def terminal_table(cmp: Comparison) -> Table:
+def terminal_table(cmp: Comparison, title: str | None = None) -> Table:
     df = display_frame(cmp)
-    table = Table(title="lossbench compare: " + summary_lines(cmp)[0], title_justify="left")
+    table = Table(title=title or "lossbench compare: " + summary_lines(cmp)[0], title_justify="left")
     for col in df.columns:
         table.add_column(col, overflow="fold")
     for _, r in df.iterrows():

@@ -61,12 +61,17 @@ def _per_round(ms, rounds) -> dict[int, float]:
 
 
 def abba(sample_a: Sampler, sample_b: Sampler, *, rng: np.random.Generator, min_rounds: int = 10,
-         max_rounds: int = 200, budget_s: float = 1.0, rel_ci: float = 0.01,
+         max_rounds: int = 200, budget_s: float = 1.0, rel_ci: float = 0.01, warmup_rounds: int = 1,
          first_round: int = 0) -> Paired:
     """Rounds of ABBA / BAAB until the 95% CI of the median paired log-ratio is within +-rel_ci, or the
-    budget (seconds, both sides together) ends; at least min_rounds, at most max_rounds."""
+    budget (seconds, both sides together) ends; at least min_rounds, at most max_rounds.
+    First warmup_rounds untimed-as-far-as-results-go rounds: the first samples after a side has been idle
+    (its process's pages, allocator, threads) came out up to 3x slow."""
     if not 1 <= min_rounds <= max_rounds:
         raise ValueError(f"need 1 <= min_rounds <= max_rounds, got {min_rounds}, {max_rounds}")
+    for _ in range(warmup_rounds):
+        for side in "ABBA":
+            (sample_a if side == "A" else sample_b)()
     out = Paired()
     start = time.perf_counter()
     for i in range(max_rounds):
