@@ -18,12 +18,16 @@ PROVENANCE = ["run_id", "timestamp", "git_sha", "host", "device", "device_name",
 CASE = ["family", "impl", "n", "c", "h", "dtype", "mode", "options", "input_dist", "label"]
 TIME = ["time_median_ms", "time_p20_ms", "time_p80_ms", "time_ci_low_ms", "time_ci_high_ms", "samples",
         "converged", "compile_ms", "raw_ms", "evict_ms"]
+# Paired rounds (runners/pairing.py). In a run: the row's time against torch_functional's, sampled in the
+# same rounds (speedup = its time over this row's, with a 95% CI). In an ab run: the row's side (base or
+# head) and, per raw sample, the round it was taken in.
+PAIRED = ["speedup_vs_torch", "speedup_ci_low", "speedup_ci_high", "side", "pair_round"]
 BANDWIDTH = ["gbps", "pct_peak_bw"]
 MEMORY = ["peak_mem_bytes", "extra_mem_bytes", "min_mem_bytes", "reserved_mem_bytes", "extra_mem_max_bytes"]
 ACCURACY = ["loss_rel_err", "grad_rel_err", "grad_row_err_max", "grad_max_abs_err", "err_vs_floor",
             "err_ratio_vs_torch", "accuracy_ok", "accuracy_note", "mutates_inputs", "grad_in_forward", "convention"]
 OUTCOME = ["status", "error"]
-COLUMNS = PROVENANCE + CASE + TIME + BANDWIDTH + MEMORY + ACCURACY + OUTCOME
+COLUMNS = PROVENANCE + CASE + TIME + PAIRED + BANDWIDTH + MEMORY + ACCURACY + OUTCOME
 # What identifies a row within a run: resume measures exactly the keys that are missing.
 KEY = ["device", "family", "impl", "mode", "n", "c", "h", "dtype", "options", "input_dist"]
 STATUSES = ("ok", "unsupported", "error", "oom", "timeout", "crash")

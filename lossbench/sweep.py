@@ -12,17 +12,19 @@ from __future__ import annotations
 import gc
 import math
 import warnings
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 
 from . import bandwidth, devices, records, reference
 from .cases import Case, Inputs, make_inputs
 from .registry import BASELINE, Implementation, get
-from .runners import accuracy, memory, stats
+from .runners import accuracy, memory, pairing, stats
 from .runners.calls import ModeCall
-from .runners.timing import time_callable
+from .runners.timing import TimingResult, one_sample, time_callable
 from .suites import Plan
 
 Emit = Callable[[dict[str, Any]], None]
@@ -78,6 +80,9 @@ class _CaseState:
     measured: dict[tuple[str, str], accuracy.AccuracyResult | Exception]
     failure: Exception | None = None  # the inputs or the reference could not be built
     failure_stage: str = ""
+    # mode -> torch_functional's call on this case, the other side of every row's paired rounds (None:
+    # it cannot run the case, and rows are timed alone)
+    baseline_calls: dict[str, ModeCall | None] = field(default_factory=dict)
 
 
 # Samples per timed row of a `collective` implementation: a fixed count, so that every rank makes the same
@@ -85,11 +90,16 @@ class _CaseState:
 COLLECTIVE_SAMPLES = 20
 
 
+# Paired rounds against torch_functional: at least this many (4 samples each, 2 of the row's).
+PAIRED_MIN_ROUNDS = 3
+
+
 class UnitRunner:
     def __init__(self, prov_for: Callable[[str], dict[str, Any]], budget_s: float,
-                 collective_samples: int = COLLECTIVE_SAMPLES):
+                 collective_samples: int = COLLECTIVE_SAMPLES, paired: bool = True):
         self.prov_for, self.budget_s = prov_for, budget_s
         self.collective_samples = collective_samples
+        self.paired = paired
         self._state: _CaseState | None = None
 
     def _case_state(self, case: Case) -> _CaseState:
@@ -184,9 +194,14 @@ class UnitRunner:
             fields = acc_fields[calls[mode]]
             try:
                 call = ModeCall(impl.fn, st.pristine, mode, fresh_inputs=fields["mutates_inputs"])
-                fixed = {"min_samples": self.collective_samples, "max_samples": self.collective_samples}
-                timing = time_callable(call, setup=call.setup, device=case.device, budget_s=self.budget_s,
-                                       **(fixed if impl.collective else {}))
+                base_call = self._baseline_call(st, impl, mode)
+                if base_call is not None:
+                    timing, paired_fields = self._paired(call, base_call, case, impl, mode)
+                else:
+                    fixed = {"min_samples": self.collective_samples, "max_samples": self.collective_samples}
+                    timing = time_callable(call, setup=call.setup, device=case.device, budget_s=self.budget_s,
+                                           **(fixed if impl.collective else {}))
+                    paired_fields = {}
                 summary = stats.summarize(timing.samples_ms)
                 mem_fields = self._memory(call, case, st, impl, mode, result.mutated)
             except Exception as exc:
@@ -203,7 +218,50 @@ class UnitRunner:
             self._emit(emit, case, impl, [mode], status="ok", error=None, compile_ms=compile_ms,
                        converged=timing.converged, raw_ms=[round(s, 6) for s in timing.samples_ms],
                        evict_ms=[round(s, 6) for s in timing.evict_ms],
-                       **summary, **bw_fields, **mem_fields, **fields)
+                       **summary, **paired_fields, **bw_fields, **mem_fields, **fields)
+
+    def _baseline_call(self, st: _CaseState, impl: Implementation, mode: str) -> ModeCall | None:
+        """torch_functional's call on the case in `mode`, warmed up: the other side of `impl`'s paired
+        rounds. None for the baseline itself, a collective implementation (its ranks must make the same
+        calls), or a baseline that cannot run the case."""
+        if not self.paired or impl.name == BASELINE or impl.collective:
+            return None
+        if mode not in st.baseline_calls:
+            base = get(st.case.family, BASELINE)
+            call = None
+            if base.why_unsupported(st.case) is None and not isinstance(self._accuracy(st, base), Exception):
+                try:
+                    call = ModeCall(base.fn, st.pristine, mode, fresh_inputs=base.mutates_inputs)
+                    for _ in range(2):
+                        call.setup()
+                        call()
+                except Exception:  # noqa: BLE001 - the row is then timed alone; torch's own row says why
+                    call = None
+            st.baseline_calls[mode] = call
+        return st.baseline_calls[mode]
+
+    def _paired(self, call: ModeCall, base_call: ModeCall, case: Case, impl: Implementation, mode: str):
+        """The row's samples taken in ABBA rounds with torch_functional's (runners/pairing.py): the row's
+        speedup over torch_functional is a paired ratio, both sides having seen the same machine."""
+        for _ in range(2):  # warm-up, as time_callable's
+            call.setup()
+            call()
+        rng = np.random.default_rng(zlib.crc32(f"{case.seed()}|{impl.name}|{mode}".encode()))
+        gc.collect()
+        enabled = gc.isenabled()
+        gc.disable()  # as in time_callable: a collection would land inside one sample
+        try:
+            p = pairing.abba(lambda: one_sample(base_call, base_call.setup, case.device),
+                             lambda: one_sample(call, call.setup, case.device), rng=rng,
+                             min_rounds=PAIRED_MIN_ROUNDS, budget_s=self.budget_s, rel_ci=0.02)
+        finally:
+            if enabled:
+                gc.enable()
+        for leaf in base_call.leaves:
+            leaf.grad = None  # the baseline's gradient is not kept between rows
+        s = pairing.summarize(-p.log_ratios())  # torch_functional's time over this row's
+        timing = TimingResult(samples_ms=p.b_ms, first_call_ms=math.nan, converged=p.converged, evict_ms=p.b_evict_ms)
+        return timing, {"speedup_vs_torch": s.ratio, "speedup_ci_low": s.ci_low, "speedup_ci_high": s.ci_high}
 
     def _bandwidth(self, case: Case, st: _CaseState, mode: str, median_ms: float) -> dict[str, Any]:
         moved = bandwidth.bytes_moved(case, st.pristine, st.ref.loss.numel(), mode)

@@ -66,7 +66,7 @@ class _CE(torch.autograd.Function):
 
 
 @lossbench.register(family="ce", name="calibrated", unsupported=("weight", "label_smoothing", "reduction", "ignore_frac", "target",
-                                                                 "spatial", "noncontiguous"),
+                                                                 "spatial", "noncontig"),
                     description="calibration: torch's cross-entropy, FACTOR times slower")
 def calibrated(logits, target, **kw):
     return _CE.apply(logits, target)

@@ -32,11 +32,17 @@ WORKER = Path(__file__).with_name("worker.py")
 SIDES = ("base", "head")
 STARTUP_TIMEOUT_S = 300.0
 SAMPLE_TIMEOUT_S = 120.0
-# The side not sampling must leave the cores alone. OpenMP's threads spin after a parallel region
-# (GNU OpenMP: up to ~0.3 s by default) and so stole the cores from the other side's next sample: with
-# spinning, torch_functional ce 2048x1000 float32 read 3 ms or 7 ms at random (paired sd 60-85%). Passive
-# waiting costs both sides the same wake-up per parallel region. A user's own setting is kept.
-IDLE_ENV = {k: v for k, v in {"OMP_WAIT_POLICY": "PASSIVE"}.items() if k not in os.environ}
+# Both workers' processes, made alike and quiet (a user's own setting of any of these is kept):
+# - OMP_WAIT_POLICY=PASSIVE: the side not sampling must leave the cores alone. OpenMP's threads spin after
+#   a parallel region (GNU OpenMP: up to ~0.3 s by default) and stole the cores from the other side's next
+#   sample: torch_functional ce 2048x1000 float32 read 3 ms or 7 ms at random (paired sd 60-85%).
+# - fixed glibc malloc thresholds (32 MiB mmap, 64 MiB trim: the caps glibc's dynamic thresholds rise to
+#   in a long-running process): with the dynamic ones, whether a 16 MiB buffer is mmapped (and its pages
+#   faulted in on every call) depends on what the process freed before. In an A/A run one side read 19 ms
+#   and the other 7.9 ms on the same code for a whole unit (1024x4096 float32 fwd_bwd). Explicit
+#   malloc_trim in the memory probe (runners/memory.py) still works as before.
+WORKER_ENV = {k: v for k, v in {"OMP_WAIT_POLICY": "PASSIVE", "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+                                "MALLOC_TRIM_THRESHOLD_": str(64 * 2**20)}.items() if k not in os.environ}
 
 
 class WorkerFailed(Exception):
@@ -56,7 +62,7 @@ class Worker:
     def start(self) -> dict:
         to_r, to_w = os.pipe()
         from_r, from_w = os.pipe()
-        env = {**os.environ, "LOSSBENCH_AB_FDS": f"{to_r},{from_w}", **IDLE_ENV,
+        env = {**os.environ, "LOSSBENCH_AB_FDS": f"{to_r},{from_w}", **WORKER_ENV,
                "PYTHONPATH": os.pathsep.join(filter(None, [str(self.side.path), os.environ.get("PYTHONPATH")]))}
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([self.side.python, str(WORKER)], cwd=self.side.path, env=env,
@@ -324,7 +330,7 @@ def _sampler(w: Worker, mode: str, deadline: float):
 def _set_times(row: dict, ms: list[float], evict: list[float], rounds: list[int], converged: bool) -> None:
     row.update(stats.summarize(ms))
     row.update(raw_ms=[round(x, 6) for x in ms], evict_ms=[round(x, 6) for x in evict], pair_round=list(rounds),
-               converged=converged)
+               converged=converged, speedup_vs_torch=None, speedup_ci_low=None, speedup_ci_high=None)
 
 
 def _failed_rows(u: dict, w: Worker, status: str, why: str) -> list[dict]:

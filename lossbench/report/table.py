@@ -78,8 +78,12 @@ def _cell(row: pd.Series, base: pd.Series | None) -> str:
         return f"{time_mark}{_fmt_ms(row['time_median_ms'])}{ci}{mem} {own_err}{mark}"
     err = own_err if own_err == "exact" or pd.isna(row.get("grad_row_err_max")) \
         else f"err×{_fmt_ratio(row['err_ratio_vs_torch'])}"
-    speedup = base["time_median_ms"] / row["time_median_ms"]
-    return f"{time_mark}{speedup:.2f}× {err}{_mem_ratio(row, base)}{mark}"
+    if pd.notna(row.get("speedup_vs_torch")):
+        # Paired with torch_functional's samples in the same rounds (runners/pairing.py): with its CI.
+        speedup = f"{row['speedup_vs_torch']:.2f}× [{row['speedup_ci_low']:.2f}, {row['speedup_ci_high']:.2f}]"
+    else:  # rows without paired rounds (a collective implementation, an imported run): medians' ratio
+        speedup = f"{base['time_median_ms'] / row['time_median_ms']:.2f}×"
+    return f"{time_mark}{speedup} {err}{_mem_ratio(row, base)}{mark}"
 
 
 def family_tables(df: pd.DataFrame) -> list[Table]:
@@ -91,7 +95,8 @@ def family_tables(df: pd.DataFrame) -> list[Table]:
         impls = [BASELINE] * (BASELINE in set(fam["impl"])) + [i for i in fam["impl"].unique() if i != BASELINE]
         multi_device = fam["device"].nunique() > 1
         table = Table(
-            title=f"{family} ({FAMILIES[family].title}), {mode}: speedup over {BASELINE}, worst-row gradient "
+            title=f"{family} ({FAMILIES[family].title}), {mode}: speedup over {BASELINE} [95% CI, paired rounds], "
+                  f"worst-row gradient "
                   f"error and peak extra memory over {BASELINE}'s (✗ outside the dtype's budget)",
             title_justify="left",
             caption=" ".join(NOTES.values()) if not fam["converged"].fillna(True).astype(bool).all()

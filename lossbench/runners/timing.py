@@ -86,6 +86,23 @@ def _cuda_sampler(fn: Callable[[], object], device: torch.device) -> Callable[[]
     return sample
 
 
+def one_sample(fn: Callable[[], object], setup: Callable[[], None] | None, device: torch.device | str,
+               cold_cache: bool = True) -> tuple[float, float]:
+    """One timed sample of ``fn()`` as time_callable takes them (setup, then eviction, both untimed):
+    (ms, eviction ms). For paired rounds (runners/pairing.py), which alternate two callables."""
+    device = torch.device(device)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        sample = _cuda_sampler(fn, device) if device.type == "cuda" else _cpu_sampler(fn)
+        if setup is not None:
+            setup()
+        t0 = time.perf_counter()
+        if cold_cache:
+            flush_caches(device)
+        synchronize(device)
+        evict = (time.perf_counter() - t0) * 1e3
+        return sample(), evict
+
+
 def _ci_converged(samples_ms: list[float], rel_ci: float) -> bool:
     low, high = median_ci(samples_ms)
     return (high - low) / 2.0 <= rel_ci * float(np.median(samples_ms))

@@ -1,0 +1,229 @@
+"""`lossbench ab`: paired rounds (runners/pairing.py), the verdicts (report/ab.py), the sides, and real
+runs of two commits of a plugin in a throw-away repository (the calibration plugin of lossbench.ab.calibrate,
+its head made slower). Each check is shown to fail on a wrong input or a broken part."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lossbench.ab import calibrate
+from lossbench.ab.session import rows_by_side
+from lossbench.cli import main
+from lossbench.report import ab as ab_report
+from lossbench.runners import pairing
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- paired rounds ------------------------------------------------------------------------------------
+class _Machine:
+    """A host whose speed drifts (a slow ramp plus bursts) under two sides; side B `factor` times slower."""
+
+    def __init__(self, factor=1.0, seed=0):
+        self.t, self.factor = 0, factor
+        self.rng = np.random.default_rng(seed)
+
+    def speed(self):
+        self.t += 1
+        burst = 2.0 if (self.t // 40) % 3 == 0 else 1.0  # a third of the time, everything 2x slower
+        return (1 + self.t / 200) * burst * float(np.exp(self.rng.normal(0, 0.01)))
+
+    def a(self):
+        return 5.0 * self.speed(), 1.0
+
+    def b(self):
+        return 5.0 * self.factor * self.speed(), 1.0
+
+
+def test_abba_rounds_cancel_the_machines_drift():
+    m = _Machine(factor=1.10)
+    p = pairing.abba(m.a, m.b, rng=np.random.default_rng(1), min_rounds=40, max_rounds=40, budget_s=1e9)
+    s = pairing.summarize(p.log_ratios())
+    assert len(p.a_ms) == len(p.b_ms) == 80 and set(p.orders) == {"ABBA", "BAAB"}
+    assert p.a_round[:2] == p.b_round[:2] == [0, 0]
+    assert s.ratio == pytest.approx(1.10, rel=0.01) and s.ci_low < 1.10 < s.ci_high and s.p < 1e-6
+    # The same samples compared unpaired (medians of each side) are thrown off by the bursts ...
+    unpaired = np.median(p.b_ms) / np.median(p.a_ms)
+    # ... and sampling all of A, then all of B (no interleaving) measures the drift, not the change.
+    m2 = _Machine(factor=1.10)
+    a = [m2.a()[0] for _ in range(80)]
+    b = [m2.b()[0] for _ in range(80)]
+    assert abs(np.median(b) / np.median(a) - 1.10) > 0.1
+    assert abs(unpaired - 1.10) > abs(s.ratio - 1.10)
+
+
+def test_log_ratios_pair_samples_by_round():
+    d = pairing.log_ratios([1, 1, 2, 2], [0, 0, 1, 1], [1.1, 1.1, 2.2, 2.2], [0, 0, 1, 1])
+    assert np.allclose(d, np.log(1.1))
+    # Rounds shuffled against their samples: the pairing is wrong, and so is the ratio.
+    d_wrong = pairing.log_ratios([1, 1, 2, 2], [0, 1, 0, 1], [1.1, 1.1, 2.2, 2.2], [0, 0, 1, 1])
+    assert not np.allclose(d_wrong, np.log(1.1))
+
+
+def test_equal_sides_are_not_significant():
+    m = _Machine(factor=1.0, seed=3)
+    p = pairing.abba(m.a, m.b, rng=np.random.default_rng(2), min_rounds=40, max_rounds=40, budget_s=1e9)
+    s = pairing.summarize(p.log_ratios())
+    assert s.p > 0.01 and s.ci_low < 1 < s.ci_high
+
+
+# --- verdicts -----------------------------------------------------------------------------------------
+def _ab_file(tmp_path, slow=None, rounds=20, sd=0.03, offset=0.0, seed=0):
+    """An ab run file: 20 rows x 2 sides; head's rows of impl `slow` (name, factor) slower; every round
+    shares the machine's speed on both sides, plus per-sample noise of `sd`."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(20):
+        impl = "slowed" if i % 2 else "steady"
+        speeds = np.exp(rng.normal(0, 0.3, rounds))  # the machine: +-30% between rounds
+        for side in ("base", "head"):
+            f = (slow[1] if slow and slow[0] == impl and side == "head" else 1.0) * np.exp(offset if side == "head" else 0)
+            raw = [float(5 * sp * f * np.exp(rng.normal(0, sd))) for sp in speeds for _ in range(2)]
+            rows.append({"run_id": "ab1", "side": side, "device": "cpu", "device_name": "Test CPU", "git_sha": side * 4,
+                         "torch_version": "2.13.0", "triton_version": None, "cuda_version": None, "threads": 2,
+                         "family": "ce", "impl": impl, "n": 100 + i, "c": 10, "h": None, "dtype": "float32",
+                         "mode": "fwd_bwd", "options": "{}", "input_dist": "normal", "label": f"{100 + i}x10",
+                         "status": "ok", "error": None, "raw_ms": raw, "pair_round": [r for r in range(rounds) for _ in range(2)],
+                         "time_median_ms": float(np.median(raw)), "extra_mem_bytes": 4096.0, "extra_mem_max_bytes": None,
+                         "accuracy_ok": True, "grad_row_err_max": 1e-7, "loss_rel_err": 1e-8})
+    path = tmp_path / "ab1.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _time(cmp):
+    v = cmp.verdicts
+    return v[v["metric"] == "time"]
+
+
+def test_a_slower_implementation_is_regressed_and_nothing_else(tmp_path):
+    cmp = ab_report.verdicts(_ab_file(tmp_path, slow=("slowed", 1.10)), 0.05)
+    t = _time(cmp)
+    assert (t[t["impl"] == "slowed"]["verdict"] == "regressed").all()
+    assert (t[t["impl"] == "steady"]["verdict"] == "unchanged").all()
+    assert cmp.exit_code() == 1
+    # Unpaired (every sample of a side, pooled, by `compare`'s median ratio test) the +-30% machine drowns it:
+    b, h = rows_by_side(tmp_path / "ab1.jsonl")
+    pooled = [np.median(y) / np.median(x) for x, y in zip(b["raw_ms"], h["raw_ms"])]
+    assert np.std(np.log(pooled)) > 0.05
+
+
+def test_equal_sides_stay_quiet_and_a_wrong_pairing_would_not(tmp_path):
+    cmp = ab_report.verdicts(_ab_file(tmp_path), 0.05)
+    assert cmp.exit_code() == 0 and set(_time(cmp)["verdict"]) <= {"unchanged", "inconclusive"}
+    # Rounds assigned at random (no pairing): the machine's drift is in every ratio, and rows get flagged.
+    path = tmp_path / "ab1.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    rng = np.random.default_rng(0)
+    for r in rows:
+        if r["side"] == "head":
+            r["pair_round"] = rng.permutation(r["pair_round"]).tolist()
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    broken = ab_report.verdicts(path, 0.05)
+    assert not (_time(broken)["verdict"] == "unchanged").all()
+
+
+def test_a_change_below_the_threshold_is_not_regressed(tmp_path):
+    t = _time(ab_report.verdicts(_ab_file(tmp_path, slow=("slowed", 1.02)), 0.05))
+    assert not (t["verdict"] == "regressed").any()
+
+
+# --- real runs ----------------------------------------------------------------------------------------
+def _repo(tmp_path, factor):
+    return calibrate.make_repo(tmp_path, factor)
+
+
+def _ab(repo, *args, results):
+    cmd = [sys.executable, "-m", "lossbench", "ab", *args, "--plugin", "kernels.py", "--family", "ce",
+           "--impl", "torch_functional,calibrated", "--shape", "256x1000", "--dtype", "float32",
+           "--results", str(results)]
+    return subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600)
+
+
+def test_ab_catches_a_slower_commit_of_a_plugin(tmp_path):
+    repo = _repo(tmp_path, 1.5)
+    res = tmp_path / "res"
+    proc = _ab(repo, "HEAD~1", "HEAD", "--mode", "fwd_bwd", "--json", str(tmp_path / "v.json"), results=res)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    v = json.loads((tmp_path / "v.json").read_text())
+    t = {r["impl"]: r for r in v["rows"] if r["metric"] == "time"}
+    assert t["calibrated"]["verdict"] == "regressed" and 1.3 < t["calibrated"]["change"] < 1.7
+    assert t["torch_functional"]["verdict"] != "regressed"
+    (run_file,) = (res / "ab").glob("*.jsonl")
+    df = pd.read_json(run_file, lines=True)
+    assert sorted(df["side"]) == ["base", "base", "head", "head"]
+    shas = subprocess.run(["git", "rev-parse", "HEAD~1", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.split()
+    assert set(df[df["side"] == "base"]["git_sha"]) == {shas[0]} and set(df[df["side"] == "head"]["git_sha"]) == {shas[1]}
+    for _, r in df.iterrows():
+        assert len(r["pair_round"]) == len(r["raw_ms"]) == r["samples"] >= 2 * 10
+    # the temporary worktrees are gone
+    listed = subprocess.run(["git", "worktree", "list"], cwd=repo, capture_output=True, text=True).stdout
+    assert len(listed.strip().splitlines()) == 1
+
+
+def test_ab_of_a_commit_against_itself_is_clean(tmp_path):
+    repo = _repo(tmp_path, 1.5)
+    proc = _ab(repo, "HEAD", "HEAD", "--mode", "fwd", results=tmp_path / "res")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "regressed" not in proc.stdout.split("threshold")[1].split("\n")[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nosuchref", "HEAD"], "base 'nosuchref': no such directory, and not a commit of"),
+    (["HEAD", "HEAD", "--head-python", "/no/python"], "--head-python '/no/python': no such python"),
+    (["HEAD"], "ab needs BASE and HEAD"),
+    (["HEAD", "HEAD", "--plugin", "missing.py"], "plugin 'missing.py' does not exist in base 'HEAD'"),
+    (["HEAD", "HEAD", "--resume", "x"], "--resume continues the run's own BASE and HEAD"),
+    (["--resume", "nosuchrun"], "no run 'nosuchrun'"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, message):
+    repo = _repo(tmp_path, 1.0)
+    monkeypatch.chdir(repo)
+    assert main(["ab", *args, "--results", str(tmp_path / "res")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lossbench: error: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_a_dirty_checkout_is_refused(tmp_path, monkeypatch, capsys):
+    repo = _repo(tmp_path, 1.0)
+    (repo / "kernels.py").write_text((repo / "kernels.py").read_text() + "\n# edited\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["ab", str(repo), "HEAD", "--results", str(tmp_path / "res")]) == 2
+    err = capsys.readouterr().err
+    assert "has uncommitted changes" in err and "kernels.py" in err
+
+
+def test_a_killed_ab_run_resumes_to_every_unit_once(tmp_path):
+    repo = _repo(tmp_path, 1.2)
+    res = tmp_path / "res"
+    cmd = [sys.executable, "-m", "lossbench", "ab", "HEAD~1", "HEAD", "--plugin", "kernels.py", "--family", "ce",
+           "--impl", "torch_functional,calibrated", "--shape", "128x100,256x100,512x100", "--dtype", "float32",
+           "--mode", "fwd", "--results", str(res)]
+    proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        files = list((res / "ab").glob("*.jsonl")) if (res / "ab").exists() else []
+        if files and len(files[0].read_text().splitlines()) >= 4:  # two units of six written
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    (run_file,) = files
+    written = len(run_file.read_text().splitlines())
+    assert 4 <= written < 12
+    run_id = run_file.name.removesuffix(".jsonl")
+    done = subprocess.run([sys.executable, "-m", "lossbench", "ab", "--resume", run_id, "--results", str(res)],
+                          cwd=repo, capture_output=True, text=True, timeout=600)
+    assert done.returncode in (0, 1), done.stderr
+    assert f"{written // 2} already done" in done.stderr or "already done" in done.stderr
+    base, head = rows_by_side(run_file)
+    assert len(base) == len(head) == 6
+    df = pd.read_json(run_file, lines=True)
+    assert len(df) == 12 + (written % 2)  # a half-written unit's side is measured again, last one kept
