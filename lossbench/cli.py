@@ -202,7 +202,11 @@ def _add_selection(p: argparse.ArgumentParser, suite_default: str | None = None)
 def cmd_nightly(args: argparse.Namespace) -> int:
     _check_timeout(args)
     threshold = compare.threshold_from_pct(args.threshold)
-    return nightly.nightly(_spec_from_args(args), args.results, threshold=threshold, timeout_s=args.timeout,
+    spec = _spec_from_args(args)
+    if args.ab:  # as in `ab`: a relative plugin path is each side's own file
+        spec = _spec_from_args(argparse.Namespace(**{**vars(args), "plugin": []})) | {"plugins": args.plugin}
+    flow = nightly.nightly_ab if args.ab else nightly.nightly
+    return flow(spec, args.results, threshold=threshold, timeout_s=args.timeout,
                            markdown_path=args.markdown, json_path=args.json, console=_console(),
                            err=_console(stderr=True))
 
@@ -261,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "clean night: exit 0 clean, 1 regression, 3 failed rows, 4 no baseline yet")
     _add_selection(nig, suite_default="nightly")
     _add_comparison_flags(nig, results_help="results folder holding the runs and baseline.json (default: results/)")
+    nig.add_argument("--ab", action="store_true",
+                     help="measure the baseline's commit and HEAD side by side tonight (lossbench ab) and judge "
+                          "on the paired samples; needs the baseline's commit in this repository")
     nig.set_defaults(func=cmd_nightly)
 
     abp = sub.add_parser("ab", help="measure BASE and HEAD side by side, samples interleaved in paired rounds, "

@@ -227,3 +227,42 @@ def test_a_killed_ab_run_resumes_to_every_unit_once(tmp_path):
     assert len(base) == len(head) == 6
     df = pd.read_json(run_file, lines=True)
     assert len(df) == 12 + (written % 2)  # a half-written unit's side is measured again, last one kept
+
+
+# --- nightly --ab ---------------------------------------------------------------------------------------
+def test_nightly_ab_measures_the_baselines_commit_against_head(tmp_path):
+    """In a clone of this repository (lossbench itself at both sides), with a plugin committed in it: night 1
+    is a plain run (no baseline: exit 4); a commit makes the plugin 1.5x slower; night 2 with --ab measures
+    the baseline's commit and HEAD side by side: exit 1, the plugin's row regressed, the baseline kept."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(ROOT), str(clone)], check=True)
+    if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                      text=True).stdout.strip():
+        pytest.skip("the checkout has uncommitted changes: the clone would test the last commit, not them")
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    (clone / "kernels.py").write_text(calibrate.PLUGIN.format(factor=1.0))
+    subprocess.run([*git, "add", "kernels.py"], cwd=clone, check=True)
+    subprocess.run([*git, "commit", "-qm", "kernel"], cwd=clone, check=True)
+    args = [sys.executable, "-m", "lossbench", "nightly", "--plugin", "kernels.py", "--family", "ce",
+            "--impl", "torch_functional,calibrated", "--shape", "256x1000", "--dtype", "float32", "--mode", "fwd",
+            "--device", "cpu", "--results", "res", "--json", "night.json"]
+    env = {**os.environ, "PYTHONPATH": str(clone)}
+    first = subprocess.run(args + ["--ab"], cwd=clone, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 4, first.stderr
+    assert "no baseline yet" in first.stderr
+    pointer = json.loads((clone / "res" / "baseline.json").read_text())
+    (entry,) = pointer["baselines"].values()
+    (clone / "kernels.py").write_text(calibrate.PLUGIN.format(factor=1.5))
+    subprocess.run([*git, "commit", "-qam", "slower kernel"], cwd=clone, check=True)
+    second = subprocess.run(args + ["--ab"], cwd=clone, capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 1, second.stdout + second.stderr
+    night = json.loads((clone / "night.json").read_text())
+    (cmp,) = night["comparisons"].values()
+    t = {r["impl"]: r for r in cmp["rows"] if r["metric"] == "time"}
+    assert t["calibrated"]["verdict"] == "regressed" and t["torch_functional"]["verdict"] != "regressed"
+    assert json.loads((clone / "res" / "baseline.json").read_text()) == pointer  # kept
+    # tonight's HEAD rows are a run of the results folder, at HEAD's commit
+    tonight = pd.read_json(clone / "res" / f"{night['run_id']}.jsonl", lines=True)
+    head_sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
+    assert set(tonight["git_sha"]) == {head_sha} and entry["git_sha"] != head_sha
+    assert (clone / "res" / "ab" / f"{night['ab_run']}.jsonl").is_file()

@@ -168,6 +168,8 @@ def summarize(factor: float, load: bool, runs: list[dict]) -> dict:
         flagged = [x for x in steady if x["verdict"] in ("regressed", "improved")]
         per_run.append({
             "false_alarm_rows": len(flagged), "steady_rows": len(steady),
+            "flagged": [{k: x[k] for k in ("verdict", "impl", "case", "mode", "change", "ci_low", "ci_high", "q", "note")}
+                        for x in flagged + [x for x in slowed if x["verdict"] != "regressed"]],
             "detected": sum(x["verdict"] == "regressed" for x in slowed), "slowed_rows": len(slowed),
             "slowed_changes": [round(x["change"], 4) for x in slowed],
             "steady_changes": [round(x["change"], 4) for x in steady],

@@ -11,6 +11,7 @@ whatever the side prints (torch, inductor, a plugin) cannot garble them:
   init {spec, run_id, side, git_sha}   -> {units, lossbench, provenance}
   prepare {unit}                        -> {rows}   accuracy, memory and status of the unit, untimed calls
                                                    warmed up for each mode that ran
+  refresh                               -> {}       the unit's calls rebuilt on fresh copies of the inputs
   sample {mode}                         -> {ms, evict_ms}   one timed sample, caches evicted before it
   quit
 Every reply is {"ok": ...} or {"error": one line, "usage": true when it is the user's input}.
@@ -63,10 +64,6 @@ class _Side:
                 "provenance": self.provs}
 
     def prepare(self, unit_json: dict) -> dict:
-        from lossbench.cases import make_inputs
-        from lossbench.registry import get
-        from lossbench.runners.calls import ModeCall
-
         unit = self.units[_key_of_json(unit_json)]
         self.calls = {}
         gc.collect()
@@ -74,18 +71,30 @@ class _Side:
         # The side's own sweep: accuracy, memory and status, with its own few unpaired samples (the
         # driver replaces the timing with the paired samples).
         self.runner.run(unit, rows.append)
-        ok = [r["mode"] for r in rows if r["status"] == "ok"]
-        if ok:
-            impl = get(unit.case.family, unit.impl)
-            pristine = make_inputs(unit.case)
-            mutates = {r["mode"]: bool(r.get("mutates_inputs")) for r in rows}
-            for mode in ok:
-                call = ModeCall(impl.fn, pristine, mode, fresh_inputs=mutates[mode])
+        self.unit = unit
+        self.mutates = {r["mode"]: bool(r.get("mutates_inputs")) for r in rows if r["status"] == "ok"}
+        self.refresh()
+        return {"rows": rows}
+
+    def refresh(self) -> dict:
+        """The unit's calls made anew: fresh copies of the inputs, at new addresses (a block of rounds
+        starts with this on both sides, so that where the buffers landed is not one side's luck)."""
+        from lossbench.cases import make_inputs
+        from lossbench.registry import get
+        from lossbench.runners.calls import ModeCall
+
+        self.calls = {}
+        gc.collect()
+        if self.mutates:
+            impl = get(self.unit.case.family, self.unit.impl)
+            pristine = make_inputs(self.unit.case)
+            for mode, mutates in self.mutates.items():
+                call = ModeCall(impl.fn, pristine, mode, fresh_inputs=mutates)
                 for _ in range(2):  # warm-up: the runner already compiled; caches and allocator settle
                     call.setup()
                     call()
-                self.calls[mode] = (call, unit.case.device)
-        return {"rows": rows}
+                self.calls[mode] = (call, self.unit.case.device)
+        return {}
 
     def sample(self, mode: str) -> dict:
         from lossbench.devices import synchronize
@@ -153,6 +162,8 @@ def main() -> int:
                 reply = side.describe()
             elif op == "prepare":
                 reply = side.prepare(req["unit"])
+            elif op == "refresh":
+                reply = side.refresh()
             elif op == "sample":
                 reply = side.sample(req["mode"])
             else:

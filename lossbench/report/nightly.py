@@ -9,6 +9,11 @@ Exit status: 0 clean (the baseline moves to this run), 1 a regression, 3 rows th
 (error / crash / oom / timeout), 4 no baseline yet for a device (this run becomes it), 2 bad input.
 A night with a regression or failed rows leaves the baseline where it was: the next night is
 compared with the same run, so a regression cannot become the new normal by being measured twice.
+
+With --ab (nightly_ab), the baseline's commit and HEAD are measured side by side tonight, their samples
+interleaved (`lossbench ab`), and the paired verdicts decide: the baseline run's stored rows, measured
+on another night on another state of the machine, are not used. HEAD's rows also become tonight's run
+in the results folder (history goes on), which the baseline pointer moves to after a clean night.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 from rich.console import Console
 
-from .. import records, run
+from .. import devices, records, run, store
 from ..errors import UsageError
 from . import compare
 
@@ -101,6 +106,73 @@ def nightly(spec: dict, results_dir: str | Path, *, threshold: float, timeout_s:
                                                "comparisons": {n: compare.to_json(c) for n, c in comparisons}},
                                               indent=1))
     return code
+
+
+def nightly_ab(spec: dict, results_dir: str | Path, *, threshold: float, timeout_s: float,
+               markdown_path: str | None, json_path: str | None, console: Console, err: Console) -> int:
+    from ..ab import session
+    from . import ab as ab_report
+
+    pointer = read_pointer(results_dir)
+    if len(spec["devices"]) != 1:
+        raise UsageError("nightly --ab measures one device per job (--device cpu, --device cuda:0, ...)")
+    name = devices.device_name(spec["devices"][0])
+    entry = pointer["baselines"].get(name)
+    if entry is None:  # the first night: nothing to set against; a plain run becomes the baseline
+        err.print(f"nightly --ab: no baseline yet for {name!r}: tonight's plain run becomes it")
+        return nightly(spec, results_dir, threshold=threshold, timeout_s=timeout_s, markdown_path=markdown_path,
+                       json_path=json_path, console=console, err=err)
+    sha = entry.get("git_sha") or ""
+    if not sha or sha.endswith("+dirty"):
+        raise UsageError(f"nightly --ab: the baseline of {name!r} (run {entry['run_id']}) has no clean commit "
+                         f"({sha or 'none recorded'}) to measure again")
+    outcome = session.run(spec, sha.removesuffix("+dirty"), "HEAD", results_dir, timeout_s=timeout_s, err=err)
+    if outcome.state != "complete":
+        return 130
+    cmp = ab_report.verdicts(outcome.path, threshold)
+    head_rows = cmp.head.rows
+    run_id = _keep_head_as_run(outcome, spec, head_rows, results_dir)
+    failed = head_rows[head_rows["status"].isin(run.FAILED)]
+    code = EXIT_REGRESSION if cmp.regressed() else EXIT_FAILED_ROWS if len(failed) else EXIT_CLEAN
+    lines = [f"lossbench nightly --ab: {outcome.run_id} ({outcome.measured} units in {outcome.elapsed_s:.0f} s), "
+             f"base {sha[:10]} (baseline run {entry['run_id']}) vs HEAD, exit {code}"]
+    ab_report.write(cmp, console)
+    lines += [f"{name}: " + line for line in ab_report.summary_lines(cmp)]
+    if len(failed):
+        lines.append(f"{len(failed)} rows failed to run on HEAD")
+    if code == EXIT_CLEAN:
+        head_sha = head_rows["git_sha"].dropna()
+        pointer["baselines"][name] = {"run_id": run_id, "git_sha": str(head_sha.iloc[0]) if len(head_sha) else None,
+                                      "set_at": records.now()}
+        write_pointer(results_dir, pointer)
+        lines.append(f"baseline -> {run_id}")
+    else:
+        lines.append(f"baseline kept: {name}: {entry['run_id']}")
+    for line in lines:
+        console.print(line)
+    if markdown_path:
+        Path(markdown_path).write_text("# lossbench nightly --ab\n\n" + "\n".join(f"- {x}" for x in lines) + "\n\n"
+                                       + compare.display_frame(cmp).to_markdown(index=False) + "\n")
+    if json_path:
+        Path(json_path).write_text(json.dumps({"run_id": run_id, "ab_run": outcome.run_id, "exit_code": code,
+                                               "summary": lines, "failed_rows": len(failed),
+                                               "comparisons": {name: compare.to_json(cmp)}}, indent=1))
+    return code
+
+
+def _keep_head_as_run(outcome, spec: dict, head_rows: pd.DataFrame, results_dir: str | Path) -> str:
+    """HEAD's rows of the ab run, as tonight's run in the results folder (its history and baseline)."""
+    rows = head_rows.drop(columns=["side"]).copy()
+    rows["run_id"] = outcome.run_id
+    provs = {d: {c: g.iloc[0][c] for c in records.PROVENANCE} for d, g in rows.groupby("device")}
+    writer = store.RunWriter(results_dir, outcome.run_id, {"suite": spec.get("suite") or "default", "spec": spec,
+                                                           "provenance": provs, "ab_run": str(outcome.path)})
+    try:
+        for r in json.loads(rows.to_json(orient="records")):
+            writer.write(r)
+    finally:
+        writer.close("complete")
+    return outcome.run_id
 
 
 def _report(comparisons, new_devices, failed: pd.DataFrame, outcome, code: int, console: Console) -> list[str]:
