@@ -16,6 +16,7 @@ from rich.table import Table
 from . import quiet_exit, registry, run, store, suites
 from .errors import UsageError
 from .ab import command as ab_command
+from .runners.pairing import MIN_BLOCKS
 from .report import compare, history, nightly, run_report
 from .report.kernels import kernel_table
 from .report.table import family_tables
@@ -166,11 +167,11 @@ def cmd_ab(args: argparse.Namespace) -> int:
     else:
         # A relative plugin path stays relative: each side resolves it in its own checkout.
         spec = _spec_from_args(argparse.Namespace(**{**vars(args), "plugin": []})) | {"plugins": args.plugin}
-    if args.min_rounds < 2:
-        raise UsageError(f"--min-rounds must be at least 2, not {args.min_rounds}")
+    if args.min_blocks < MIN_BLOCKS:
+        raise UsageError(f"--min-blocks must be at least {MIN_BLOCKS}, not {args.min_blocks}")
     return ab_command.ab(spec, args.base, args.head, args.results, threshold=threshold,
                          base_python=args.base_python, head_python=args.head_python, resume=args.resume,
-                         timeout_s=args.timeout, budget_s=args.budget, min_rounds=args.min_rounds, seed=args.seed,
+                         timeout_s=args.timeout, budget_s=args.budget, min_blocks=args.min_blocks, seed=args.seed,
                          markdown_path=args.markdown, json_path=args.json, console=_console(),
                          err=_console(stderr=True))
 
@@ -280,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     abp.add_argument("--base-python", help="the python BASE runs with (default: this one)")
     abp.add_argument("--head-python", help="the python HEAD runs with (default: this one)")
     abp.add_argument("--resume", metavar="RUN_ID", help="finish ab run RUN_ID in <results>/ab/")
-    abp.add_argument("--min-rounds", type=int, default=10, help="paired rounds per row at least (default 10)")
+    abp.add_argument("--min-blocks", type=int, default=5,
+                     help="blocks of paired rounds per row at least, each on fresh copies of the inputs (default 5)")
     abp.add_argument("--seed", type=int, help="seed of the rounds' random order (default: fresh)")
     abp.set_defaults(func=cmd_ab)
 

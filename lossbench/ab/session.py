@@ -10,6 +10,7 @@ resumes (--resume): a unit is done when both sides' rows of it are in the file.
 from __future__ import annotations
 
 import json
+import math
 import os
 import select
 import subprocess
@@ -32,6 +33,7 @@ WORKER = Path(__file__).with_name("worker.py")
 SIDES = ("base", "head")
 STARTUP_TIMEOUT_S = 300.0
 SAMPLE_TIMEOUT_S = 120.0
+REL_CI = 0.01  # a row's blocks go on until its change is known within +-1% (95%), or its budget ends
 # Both workers' processes, made alike and quiet (a user's own setting of any of these is kept):
 # - OMP_WAIT_POLICY=PASSIVE: the side not sampling must leave the cores alone. OpenMP's threads spin after
 #   a parallel region (GNU OpenMP: up to ~0.3 s by default) and stole the cores from the other side's next
@@ -200,7 +202,7 @@ def open_run(spec: dict, base: str, head: str, out: str | Path, *, base_python: 
 
 def run(spec: dict, base: str, head: str, out: str | Path, *, base_python: str | None = None,
         head_python: str | None = None, resume: str | None = None, timeout_s: float = 600.0,
-        budget_s: float | None = None, min_rounds: int = 10, max_rounds: int = 200, seed: int | None = None,
+        budget_s: float | None = None, min_blocks: int = 5, seed: int | None = None,
         err: Console | None = None) -> Outcome:
     err = err or Console(stderr=True)
     writer, sides, done = open_run(spec, base, head, out, base_python=base_python, head_python=head_python,
@@ -236,7 +238,7 @@ def run(spec: dict, base: str, head: str, out: str | Path, *, base_python: str |
             for k in todo:
                 u = units["base"].get(k) or units["head"][k]
                 progress.update(task, description=f"{u['case']['family']} {u['impl']} {u['case']['n']}x{u['case']['c']}"[:40])
-                rows = _measure_unit(k, units, workers, sides, rng, timeout_s, budget, min_rounds, max_rounds)
+                rows = _measure_unit(k, units, workers, sides, rng, timeout_s, budget, min_blocks)
                 for row in rows:
                     writer.write(row)
                 measured += 1
@@ -270,11 +272,17 @@ def _suite_budget(spec: dict) -> float:
     return plan_of(spec)[0].budget_s
 
 
+ROUNDS_PER_BLOCK = 4  # ABBA rounds per mode in a block (after one warm-up round)
+MAX_BLOCKS = 50
+
+
 def _measure_unit(k: str, units: dict, workers: dict[str, Worker], sides: dict[str, Side],
-                  rng: np.random.Generator, timeout_s: float, budget_s: float, min_rounds: int,
-                  max_rounds: int) -> list[dict]:
+                  rng: np.random.Generator, timeout_s: float, budget_s: float, min_blocks: int) -> list[dict]:
     """Both sides' rows of one unit: prepared on each side (in random order), then the modes that ran on
-    both sampled in ABBA rounds."""
+    both sampled in blocks: each block starts with both sides' calls rebuilt on fresh copies of the inputs
+    (new addresses: report/ab.py judges on the blocks), then ROUNDS_PER_BLOCK ABBA rounds per mode. Blocks
+    go on until every mode's change is known within +-1% (95%), or the budget (2 x --budget per mode) ends;
+    at least min_blocks."""
     present = [n for n in SIDES if k in units[n]]
     rows: dict[str, list[dict]] = {}
     deadline = time.monotonic() + timeout_s
@@ -289,29 +297,52 @@ def _measure_unit(k: str, units: dict, workers: dict[str, Worker], sides: dict[s
             rows[name] = _failed_rows(u, workers[name], status, str(exc).splitlines()[0])
     if len(present) == 2:
         by_mode = {n: {r["mode"]: r for r in rows[n]} for n in SIDES}
-        for mode in units["base"][k]["modes"]:
-            b, h = by_mode["base"].get(mode), by_mode["head"].get(mode)
-            if not (b and h and b["status"] == "ok" and h["status"] == "ok"):
-                continue
-            try:
-                paired = pairing.abba(_sampler(workers["base"], mode, deadline), _sampler(workers["head"], mode, deadline),
-                                      rng=rng, min_rounds=min_rounds, max_rounds=max_rounds, budget_s=2 * budget_s)
-            except WorkerFailed as exc:
+        modes = [m for m in units["base"][k]["modes"] if m in by_mode["head"]
+                 and by_mode["base"][m]["status"] == by_mode["head"][m]["status"] == "ok"]
+        try:
+            paired = _blocks(modes, workers, rng, deadline, budget_s, min_blocks)
+        except WorkerFailed as exc:
+            for name in SIDES:
+                workers[name].kill()
+            for m in modes:
                 for name in SIDES:
-                    workers[name].kill()
-                why = f"during the paired samples: {exc}"
-                for r in (b, h):
-                    r.update(status=exc.status, error=why)
-                continue
-            _set_times(b, paired.a_ms, paired.a_evict_ms, paired.a_round, paired.converged)
-            _set_times(h, paired.b_ms, paired.b_evict_ms, paired.b_round, paired.converged)
+                    by_mode[name][m].update(status=exc.status, error=f"during the paired samples: {exc}")
+            paired = {}
+        for m, p in paired.items():
+            _set_times(by_mode["base"][m], p.a_ms, p.a_evict_ms, p.a_round, p.a_block, p.converged)
+            _set_times(by_mode["head"][m], p.b_ms, p.b_evict_ms, p.b_round, p.b_block, p.converged)
     out = []
     for name in present:
         for r in rows[name]:
             r["side"] = name
-            r.setdefault("pair_round", None)
             out.append(r)
     return out
+
+
+def _blocks(modes: list[str], workers: dict[str, Worker], rng: np.random.Generator, deadline: float,
+            budget_s: float, min_blocks: int) -> dict[str, pairing.Paired]:
+    paired = {m: pairing.Paired() for m in modes}
+    if not modes:
+        return paired
+    start = time.perf_counter()
+    for blk in range(MAX_BLOCKS):
+        if blk:
+            for name in rng.permutation(SIDES):
+                workers[name].request({"op": "refresh"}, max(deadline - time.monotonic(), 1))
+        for m in modes:
+            p = pairing.abba(_sampler(workers["base"], m, deadline), _sampler(workers["head"], m, deadline), rng=rng,
+                             min_rounds=ROUNDS_PER_BLOCK, max_rounds=ROUNDS_PER_BLOCK, budget_s=math.inf,
+                             first_round=blk * ROUNDS_PER_BLOCK, block=blk)
+            paired[m].extend(p)
+        if blk + 1 < min_blocks:
+            continue
+        for p in paired.values():
+            m_b = pairing.block_log_ratios(p.a_ms, p.a_round, p.a_block, p.b_ms, p.b_round, p.b_block)
+            s = pairing.summarize_blocks(m_b, 0, 0.0)
+            p.converged = (math.log(s.ci_high) - math.log(s.ci_low)) / 2 <= REL_CI
+        if all(p.converged for p in paired.values()) or time.perf_counter() - start >= 2 * budget_s * len(modes):
+            break
+    return paired
 
 
 def _ensure_started(w: Worker) -> None:
@@ -319,7 +350,7 @@ def _ensure_started(w: Worker) -> None:
         w.start()
 
 
-def _sampler(w: Worker, mode: str, deadline: float):
+def _sampler(w: Worker, mode: str, deadline: float) -> pairing.Sampler:
     def sample() -> tuple[float, float]:
         reply = w.request({"op": "sample", "mode": mode},
                           max(min(SAMPLE_TIMEOUT_S, deadline - time.monotonic()), 1.0))
@@ -327,9 +358,11 @@ def _sampler(w: Worker, mode: str, deadline: float):
     return sample
 
 
-def _set_times(row: dict, ms: list[float], evict: list[float], rounds: list[int], converged: bool) -> None:
+def _set_times(row: dict, ms: list[float], evict: list[float], rounds: list[int], blocks: list[int],
+               converged: bool) -> None:
     row.update(stats.summarize(ms))
     row.update(raw_ms=[round(x, 6) for x in ms], evict_ms=[round(x, 6) for x in evict], pair_round=list(rounds),
+               pair_block=list(blocks),
                converged=converged, speedup_vs_torch=None, speedup_ci_low=None, speedup_ci_high=None)
 
 

@@ -1,10 +1,12 @@
 """Verdicts of an ab run: per row and metric, regressed / improved / unchanged / inconclusive, with the
 exit codes of `lossbench compare` (0 none regressed, 1 some did, 2 bad input).
 
-time: per row, the paired log-ratios of its rounds (head over base, runners/pairing.py): their median as
-  the change, its distribution-free 95% CI, a Wilcoxon signed-rank p; false-discovery control over the
+time: per row, the paired log-ratios of its rounds (head over base, runners/pairing.py), per block of
+  rounds (both sides on fresh copies of the inputs) their median; the change is the blocks' mean, with a
+  Student-t 95% CI and test over the blocks (a row with fewer than pairing.MIN_BLOCKS blocks: the rounds'
+  median, its order-statistic CI and a Wilcoxon signed-rank test); false-discovery control over the
   run's time rows (Benjamini-Hochberg, scipy.stats.false_discovery_control). regressed / improved:
-  q < ALPHA and the median beyond the threshold; unchanged: the CI inside it; inconclusive: neither.
+  q < ALPHA and the change beyond the threshold; unchanged: the CI inside it; inconclusive: neither.
   No between-run term and no neighbour drift as in compare: the two sides were sampled in the same
   rounds, so the machine's state is in both.
 memory, accuracy, status: as in compare (the same functions).
@@ -60,16 +62,23 @@ def _time_verdicts(both: pd.DataFrame, threshold: float) -> tuple[pd.DataFrame, 
         if not isinstance(r.get("pair_round_b"), list) or not isinstance(r.get("pair_round_h"), list):
             continue
         d = pairing.log_ratios(r["raw_ms_b"], r["pair_round_b"], r["raw_ms_h"], r["pair_round_h"])
-        s = pairing.summarize(d)
-        if s.rounds < 2 or not math.isfinite(s.p):
+        if len(d) < 2:
             continue
-        recs.append((r, s, float(np.median(d))))
+        m_b = pairing.block_log_ratios(r["raw_ms_b"], r["pair_round_b"], _blocks(r, "_b"),
+                                       r["raw_ms_h"], r["pair_round_h"], _blocks(r, "_h"))
+        if len(m_b) >= pairing.MIN_BLOCKS:
+            s = pairing.summarize_blocks(m_b, len(d), float(np.std(d, ddof=1)))
+        else:  # one placement of the inputs: its rounds alone (report the row, but this undercounts noise)
+            s = pairing.summarize(d)
+        if not math.isfinite(s.p):
+            continue
+        recs.append((r, s, math.log(s.ratio), len(m_b)))
     if not recs:
         return pd.DataFrame(), {}
-    q = stats.false_discovery_control([s.p for _, s, _ in recs], method="bh")
+    q = stats.false_discovery_control([s.p for _, s, _, _ in recs], method="bh")
     bound = math.log1p(threshold)
     out = []
-    for (r, s, med), qi in zip(recs, q):
+    for (r, s, med, blocks), qi in zip(recs, q):
         lo, hi = math.log(s.ci_low), math.log(s.ci_high)
         if qi < ALPHA and med > bound:
             v = "regressed"
@@ -79,18 +88,23 @@ def _time_verdicts(both: pd.DataFrame, threshold: float) -> tuple[pd.DataFrame, 
             v = "unchanged"
         else:
             v = "inconclusive"
-        note = f"{s.rounds} paired rounds, sd of log-ratio {100 * s.sd_log:.2g}%"
+        note = f"{s.rounds} paired rounds in {blocks} blocks, sd of a round's log-ratio {100 * s.sd_log:.2g}%"
         if v == "inconclusive":
             note += "; more rounds (--budget) narrow the interval"
         out.append(compare._verdict(r, "time", v, float(r["time_median_ms_b"]), float(r["time_median_ms_h"]),
                                     s.ratio, s.ci_low, s.ci_high, s.p, float(qi), note=note, severity=abs(med)))
     noise = {}
-    df = pd.DataFrame({"device": [r["device_h"] for r, _, _ in recs], "sd": [s.sd_log for _, s, _ in recs],
-                       "med": [m for _, _, m in recs]})
+    df = pd.DataFrame({"device": [r["device_h"] for r, _, _, _ in recs], "sd": [s.sd_log for _, s, _, _ in recs],
+                       "med": [m for _, _, m, _ in recs]})
     for device, g in df.groupby("device"):
         noise[device] = {"paired_sd_pct": 100 * float(np.median(g["sd"])), "rows": len(g),
                          "median_change_pct": 100 * (math.exp(float(np.median(g["med"]))) - 1)}
     return pd.DataFrame(out), noise
+
+
+def _blocks(r: pd.Series, suffix: str) -> list[int]:
+    blocks = r.get("pair_block" + suffix)
+    return blocks if isinstance(blocks, list) else [0] * len(r["pair_round" + suffix])
 
 
 def summary_lines(cmp: compare.Comparison) -> list[str]:
