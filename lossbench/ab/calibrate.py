@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..report import ab as ab_report
+
 PLUGIN = '''"""Calibration plugin of lossbench ab: cross-entropy made FACTOR times slower in every mode."""
 import time
 
@@ -125,7 +127,7 @@ def one_run(repo: Path, results: Path, shapes: str, dtypes: str, modes: str) -> 
     if proc.returncode not in (0, 1):
         raise RuntimeError(f"lossbench ab exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
     data = json.loads((results / "verdicts.json").read_text())
-    rows = [r for r in data["rows"] if r["metric"] == "time"]
+    rows = [r for r in data["rows"] if r["metric"] == "time"]  # each with its change, CI and q
     return {"exit": proc.returncode, "wall_s": time.perf_counter() - t0, "rows": rows,
             "paired_sd_pct": {d: n["paired_sd_pct"] for d, n in data["noise"].items()}}
 
@@ -153,37 +155,47 @@ def main(argv: list[str] | None = None) -> int:
                     with background_load(load):
                         runs.append(one_run(repo, res, args.shapes, args.dtypes, args.modes))
                 report["configs"].append(summarize(factor, load, runs))
-                print(json.dumps(report["configs"][-1]), flush=True)
+                print(json.dumps({k: v for k, v in report["configs"][-1].items() if k != "changes"}), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     return 0
 
 
+THRESHOLDS = (0.02, 0.03, 0.05)
+
+
+def verdict_at(row: dict, threshold: float) -> str:
+    """The row's time verdict at another threshold (q does not depend on it; report/ab.py's rule)."""
+    bound = 1 + threshold
+    if row["q"] < ab_report.ALPHA and row["change"] > bound:
+        return "regressed"
+    if row["q"] < ab_report.ALPHA and row["change"] < 1 / bound:
+        return "improved"
+    return "unchanged" if 1 / bound <= row["ci_low"] and row["ci_high"] <= bound else "inconclusive"
+
+
 def summarize(factor: float, load: bool, runs: list[dict]) -> dict:
-    """Per run, then the median over runs (the brief's rule for numbers on a noisy host)."""
-    per_run = []
-    for r in runs:
-        slowed = [x for x in r["rows"] if x["impl"] == "calibrated" and factor != 1.0]
-        steady = [x for x in r["rows"] if x not in slowed]
-        flagged = [x for x in steady if x["verdict"] in ("regressed", "improved")]
-        per_run.append({
-            "false_alarm_rows": len(flagged), "steady_rows": len(steady),
-            "flagged": [{k: x[k] for k in ("verdict", "impl", "case", "mode", "change", "ci_low", "ci_high", "q", "note")}
-                        for x in flagged + [x for x in slowed if x["verdict"] != "regressed"]],
-            "detected": sum(x["verdict"] == "regressed" for x in slowed), "slowed_rows": len(slowed),
-            "slowed_changes": [round(x["change"], 4) for x in slowed],
-            "steady_changes": [round(x["change"], 4) for x in steady],
-            "paired_sd_pct": r["paired_sd_pct"], "wall_s": round(r["wall_s"], 1), "exit": r["exit"]})
-    med = lambda xs: float(np.median(xs)) if xs else None  # noqa: E731
-    return {
-        "slowdown": factor, "background_load": load, "runs": len(runs),
-        "false_alarm_pct_median": med([100 * x["false_alarm_rows"] / max(x["steady_rows"], 1) for x in per_run]),
-        "runs_with_false_alarm_pct": 100 * sum(x["false_alarm_rows"] > 0 for x in per_run) / len(per_run),
-        "detected_pct_median": med([100 * x["detected"] / x["slowed_rows"] for x in per_run if x["slowed_rows"]]),
-        "median_slowed_change": med([c for x in per_run for c in x["slowed_changes"]]),
-        "paired_sd_pct_median": med([v for x in per_run for v in x["paired_sd_pct"].values()]),
-        "per_run": per_run,
-    }
+    """Per threshold, per run, then the median over runs (the brief's rule for numbers on a noisy host)."""
+    out = {"slowdown": factor, "background_load": load, "runs": len(runs),
+           "wall_s": [round(r["wall_s"], 1) for r in runs],
+           "paired_sd_pct": [round(v, 2) for r in runs for v in r["paired_sd_pct"].values()],
+           "changes": [{k: r_[k] for k in ("impl", "case", "mode", "change", "ci_low", "ci_high", "q")}
+                       for r in runs for r_ in r["rows"]]}
+    for t in THRESHOLDS:
+        per_run = []
+        for r in runs:
+            slowed = [x for x in r["rows"] if x["impl"] == "calibrated" and factor != 1.0]
+            steady = [x for x in r["rows"] if not (x["impl"] == "calibrated" and factor != 1.0)]
+            flagged = [x for x in steady if verdict_at(x, t) in ("regressed", "improved")]
+            per_run.append((len(flagged), len(steady), sum(verdict_at(x, t) == "regressed" for x in slowed), len(slowed)))
+        out[f"threshold_{100 * t:g}pct"] = {
+            "false_alarm_rows": f"{sum(p[0] for p in per_run)} of {sum(p[1] for p in per_run)}",
+            "false_alarm_pct_median": float(np.median([100 * p[0] / p[1] for p in per_run])),
+            "runs_with_false_alarm_pct": 100 * sum(p[0] > 0 for p in per_run) / len(per_run),
+            "detected": f"{sum(p[2] for p in per_run)} of {sum(p[3] for p in per_run)}" if factor != 1.0 else None,
+            "detected_pct_median": float(np.median([100 * p[2] / p[3] for p in per_run])) if factor != 1.0 else None,
+        }
+    return out
 
 
 if __name__ == "__main__":
