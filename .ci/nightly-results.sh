@@ -3,8 +3,8 @@
 #
 #   restore  fetch branch $RESULTS_BRANCH, if it exists, and unpack its results/ into ./results, so that
 #            `lossbench nightly` finds the baseline and the history; note what was there.
-#   collect  copy what the run added or changed in results/ (its run files) and in results/asv/ (asv's
-#            *.json, at any depth), results/baseline.json and comparison.md/.json into $STAGE_DIR, each
+#   collect  copy what the run added or changed in results/ (its run files), in results/ab/ (nightly --ab's
+#            runs) and in results/asv/ (asv's *.json, at any depth), results/baseline.json and comparison.md/.json into $STAGE_DIR, each
 #            under its path (results/asv/<machine>/<file>.json to $STAGE_DIR/results/asv/<machine>/):
 #            the artifact, and what publish commits.
 #   publish  commit the staged results/ files, each at its path under results/, on top of the branch (a
@@ -39,6 +39,10 @@ snapshot() {
             -exec sha256sum -- {} +
         if [ -d results/asv ]; then
             find results/asv -type f -name '*.json' -exec sha256sum -- {} +
+        fi
+        # nightly --ab: both sides' rows of each night (results/ab/<run_id>.jsonl and its meta)
+        if [ -d results/ab ]; then
+            find results/ab -maxdepth 1 -type f \( -name '*.jsonl' -o -name '*.meta.json' \) -exec sha256sum -- {} +
         fi
     } | sort
 }

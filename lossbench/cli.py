@@ -167,11 +167,13 @@ def cmd_ab(args: argparse.Namespace) -> int:
     else:
         # A relative plugin path stays relative: each side resolves it in its own checkout.
         spec = _spec_from_args(argparse.Namespace(**{**vars(args), "plugin": []})) | {"plugins": args.plugin}
+    if args.passes is not None and args.passes < 1:
+        raise UsageError(f"--passes must be at least 1, not {args.passes}")
     if args.min_blocks < MIN_BLOCKS:
         raise UsageError(f"--min-blocks must be at least {MIN_BLOCKS}, not {args.min_blocks}")
     return ab_command.ab(spec, args.base, args.head, args.results, threshold=threshold,
                          base_python=args.base_python, head_python=args.head_python, resume=args.resume,
-                         timeout_s=args.timeout, budget_s=args.budget, min_blocks=args.min_blocks, seed=args.seed,
+                         timeout_s=args.timeout, budget_s=args.budget, min_blocks=args.min_blocks, passes=args.passes, seed=args.seed,
                          markdown_path=args.markdown, json_path=args.json, console=_console(),
                          err=_console(stderr=True))
 
@@ -281,8 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     abp.add_argument("--base-python", help="the python BASE runs with (default: this one)")
     abp.add_argument("--head-python", help="the python HEAD runs with (default: this one)")
     abp.add_argument("--resume", metavar="RUN_ID", help="finish ab run RUN_ID in <results>/ab/")
-    abp.add_argument("--min-blocks", type=int, default=5,
-                     help="blocks of paired rounds per row at least, each on fresh copies of the inputs (default 5)")
+    abp.add_argument("--passes", type=int, default=None,
+                     help="times every unit is measured, each in a fresh pair of processes (default 3)")
+    abp.add_argument("--min-blocks", type=int, default=3,
+                     help="blocks of paired rounds per row and pass at least, each on fresh copies of the inputs "
+                          "(default 3)")
     abp.add_argument("--seed", type=int, help="seed of the rounds' random order (default: fresh)")
     abp.set_defaults(func=cmd_ab)
 

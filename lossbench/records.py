@@ -20,8 +20,9 @@ TIME = ["time_median_ms", "time_p20_ms", "time_p80_ms", "time_ci_low_ms", "time_
         "converged", "compile_ms", "raw_ms", "evict_ms"]
 # Paired rounds (runners/pairing.py). In a run: the row's time against torch_functional's, sampled in the
 # same rounds (speedup = its time over this row's, with a 95% CI). In an ab run: the row's side (base or
-# head) and, per raw sample, the round it was taken in and the block of rounds (fresh inputs) of that round.
-PAIRED = ["speedup_vs_torch", "speedup_ci_low", "speedup_ci_high", "side", "pair_round", "pair_block"]
+# head) and, per raw sample, the round it was taken in, the block of rounds (fresh inputs) of that round and
+# the pass (a fresh pair of processes) of that block.
+PAIRED = ["speedup_vs_torch", "speedup_ci_low", "speedup_ci_high", "side", "pair_round", "pair_block", "pair_pass"]
 BANDWIDTH = ["gbps", "pct_peak_bw"]
 MEMORY = ["peak_mem_bytes", "extra_mem_bytes", "min_mem_bytes", "reserved_mem_bytes", "extra_mem_max_bytes"]
 ACCURACY = ["loss_rel_err", "grad_rel_err", "grad_row_err_max", "grad_max_abs_err", "err_vs_floor",

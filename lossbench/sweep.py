@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import math
+import time
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -90,8 +91,10 @@ class _CaseState:
 COLLECTIVE_SAMPLES = 20
 
 
-# Paired rounds against torch_functional: at least this many (4 samples each, 2 of the row's).
-PAIRED_MIN_ROUNDS = 3
+# Paired rounds against torch_functional: blocks of this many ABBA rounds (4 samples each, 2 of the
+# row's), each block on fresh inputs; at least pairing.MIN_BLOCKS blocks, more while the budget lasts.
+PAIRED_BLOCK_ROUNDS = 2
+PAIRED_MAX_BLOCKS = 100
 
 
 class UnitRunner:
@@ -242,25 +245,43 @@ class UnitRunner:
 
     def _paired(self, call: ModeCall, base_call: ModeCall, case: Case, impl: Implementation, mode: str):
         """The row's samples taken in ABBA rounds with torch_functional's (runners/pairing.py): the row's
-        speedup over torch_functional is a paired ratio, both sides having seen the same machine."""
+        speedup over torch_functional is a paired ratio, both sides having seen the same machine. Rounds
+        come in blocks, each on fresh copies of both sides' inputs (where buffers land moves a call's time
+        by ~2% for as long as they lie there); the speedup's CI is over the blocks."""
         for _ in range(2):  # warm-up, as time_callable's
             call.setup()
             call()
         rng = np.random.default_rng(zlib.crc32(f"{case.seed()}|{impl.name}|{mode}".encode()))
+        paired = pairing.Paired()
+        calls = (base_call, call)
+        start = time.perf_counter()
         gc.collect()
         enabled = gc.isenabled()
         gc.disable()  # as in time_callable: a collection would land inside one sample
         try:
-            p = pairing.abba(lambda: one_sample(base_call, base_call.setup, case.device),
-                             lambda: one_sample(call, call.setup, case.device), rng=rng,
-                             min_rounds=PAIRED_MIN_ROUNDS, budget_s=self.budget_s, rel_ci=0.02)
+            for blk in range(PAIRED_MAX_BLOCKS):
+                if blk:  # fresh inputs (new addresses) for both
+                    calls = tuple(ModeCall(c.fn, c.pristine, mode, fresh_inputs=c.fresh) for c in calls)
+                a, b = calls
+                paired.extend(pairing.abba(lambda: one_sample(a, a.setup, case.device),
+                                           lambda: one_sample(b, b.setup, case.device), rng=rng,
+                                           min_rounds=PAIRED_BLOCK_ROUNDS, max_rounds=PAIRED_BLOCK_ROUNDS,
+                                           budget_s=math.inf, warmup_rounds=0,
+                                           first_round=blk * PAIRED_BLOCK_ROUNDS, block=blk))
+                if blk + 1 >= pairing.MIN_BLOCKS and time.perf_counter() - start >= self.budget_s:
+                    break
         finally:
             if enabled:
                 gc.enable()
-        for leaf in base_call.leaves:
-            leaf.grad = None  # the baseline's gradient is not kept between rows
-        s = pairing.summarize(-p.log_ratios())  # torch_functional's time over this row's
-        timing = TimingResult(samples_ms=p.b_ms, first_call_ms=math.nan, converged=p.converged, evict_ms=p.b_evict_ms)
+        for c in calls:
+            for leaf in c.leaves:
+                leaf.grad = None  # no gradient kept between rows
+        m_b = -pairing.block_log_ratios(paired.a_ms, paired.a_round, paired.a_block,
+                                        paired.b_ms, paired.b_round, paired.b_block)  # torch's time over this row's
+        s = pairing.summarize_blocks(m_b, len(paired.orders), 0.0)
+        paired.converged = (math.log(s.ci_high) - math.log(s.ci_low)) / 2 <= 0.02
+        timing = TimingResult(samples_ms=paired.b_ms, first_call_ms=math.nan, converged=paired.converged,
+                              evict_ms=paired.b_evict_ms)
         return timing, {"speedup_vs_torch": s.ratio, "speedup_ci_low": s.ci_low, "speedup_ci_high": s.ci_high}
 
     def _bandwidth(self, case: Case, st: _CaseState, mode: str, median_ms: float) -> dict[str, Any]:

@@ -195,7 +195,7 @@ def test_steps_of_each_job(name, device, install):
     assert _step(job, "Install")["run"].strip().splitlines()[-1] == install
     nightly = _step(job, "lossbench nightly")
     assert nightly["id"] == "nightly"
-    assert (f".venv/bin/lossbench nightly --device {device} --results results --markdown comparison.md "
+    assert (f".venv/bin/lossbench nightly --ab --device {device} --results results --markdown comparison.md "
             "--json comparison.json") in nightly["run"]
     assert _step(job, "Restore")["run"] == ".ci/nightly-results.sh restore"
     upload = _step(job, "Upload run files")

@@ -13,10 +13,10 @@ EXIT_INTERRUPTED = 130
 
 def ab(spec: dict, base: str | None, head: str | None, results: str | Path, *, threshold: float,
        base_python: str | None, head_python: str | None, resume: str | None, timeout_s: float,
-       budget_s: float | None, min_blocks: int, seed: int | None, markdown_path: str | None,
+       budget_s: float | None, min_blocks: int, passes: int | None, seed: int | None, markdown_path: str | None,
        json_path: str | None, console: Console, err: Console) -> int:
     outcome = session.run(spec, base, head, results, base_python=base_python, head_python=head_python,
-                          resume=resume, timeout_s=timeout_s, budget_s=budget_s, min_blocks=min_blocks,
+                          resume=resume, timeout_s=timeout_s, budget_s=budget_s, min_blocks=min_blocks, passes=passes,
                           seed=seed, err=err)
     if outcome.state != "complete":
         return EXIT_INTERRUPTED

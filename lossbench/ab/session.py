@@ -165,9 +165,9 @@ def _row_keys(u: dict) -> list[tuple]:
 
 
 def open_run(spec: dict, base: str, head: str, out: str | Path, *, base_python: str | None,
-             head_python: str | None, resume: str | None) -> tuple[store.RunWriter, dict[str, Side], set]:
-    """The run's writer and its two sides (made and checked before any worker starts), and the
-    (side, key) pairs of rows a resumed run already has."""
+             head_python: str | None, resume: str | None) -> tuple[store.RunWriter, dict[str, Side], dict]:
+    """The run's writer and its two sides (made and checked before any worker starts), and the rows a
+    resumed run already has, by (side, key) (a row written again replaces its earlier version)."""
     folder = Path(out) / "ab"
     if resume:
         meta = store.read_meta(folder, resume)
@@ -186,29 +186,43 @@ def open_run(spec: dict, base: str, head: str, out: str | Path, *, base_python: 
                              "two directories")
         if resume:
             writer = store.RunWriter(folder, resume)
-            done = {(r.get("side"), records.key_of(r)) for r in store._read_run_file(writer.path)}
+            stored = {(r.get("side"), records.key_of(r)): r for r in store._read_run_file(writer.path)}
         else:
-            meta = {"kind": "ab", "spec": spec, "sides": {
+            meta = {"kind": "ab", "spec": spec, "passes": spec.get("passes", PASSES), "sides": {
                 n: {"ref": s.ref, "sha": s.sha, "python": sides_meta[n]["python"], "plugins": s.plugins}
                 for n, s in sides.items()}}
             writer = store.RunWriter(folder, records.new_run_id(), meta)
-            done = set()
+            stored = {}
     except BaseException:
         for s in sides.values():
             s.close()
         raise
-    return writer, sides, done
+    return writer, sides, stored
 
 
-def run(spec: dict, base: str, head: str, out: str | Path, *, base_python: str | None = None,
+def _passes_of(row: dict | None, passes: int) -> int:
+    """How many passes a stored row has: those of its paired samples; all, for a row with nothing to pair
+    (unsupported, failed, or ok on one side only); none when it is not there."""
+    if row is None:
+        return 0
+    pp = row.get("pair_pass")
+    return max(pp) + 1 if isinstance(pp, list) and pp else passes
+
+
+def run(spec: dict | None, base: str | None, head: str | None, out: str | Path, *, base_python: str | None = None,
         head_python: str | None = None, resume: str | None = None, timeout_s: float = 600.0,
-        budget_s: float | None = None, min_blocks: int = 5, seed: int | None = None,
+        budget_s: float | None = None, min_blocks: int = 3, passes: int | None = None, seed: int | None = None,
         err: Console | None = None) -> Outcome:
+    """Measures the two sides into <out>/ab/<run_id>.jsonl (or finishes run `resume`): `passes` times, each
+    with a fresh pair of worker processes, every unit in each (units in a new random order every pass)."""
     err = err or Console(stderr=True)
-    writer, sides, done = open_run(spec, base, head, out, base_python=base_python, head_python=head_python,
-                                   resume=resume)
+    if spec is not None:
+        spec = {**spec, "passes": passes or PASSES}
+    writer, sides, stored = open_run(spec, base, head, out, base_python=base_python, head_python=head_python,
+                                     resume=resume)
     run_id = writer.meta["run_id"]
     spec = writer.meta["spec"]
+    passes = int(writer.meta.get("passes", PASSES))
     rng = np.random.default_rng(seed)
     workers: dict[str, Worker] = {}
     state, measured, start = "failed", 0, time.perf_counter()
@@ -217,32 +231,40 @@ def run(spec: dict, base: str, head: str, out: str | Path, *, base_python: str |
             side_spec = {**spec, "plugins": side.plugins}
             workers[name] = Worker(side, {"spec": side_spec, "run_id": run_id, "side": name, "git_sha": side.sha},
                                    writer.dir / f"{run_id}.{name}.log")
-        infos = {}
-        for name, w in workers.items():
-            try:
-                infos[name] = w.start()
-            except WorkerFailed as exc:
-                raise UsageError(f"the {name} worker ({sides[name].ref!r}) did not start: {exc}") from None
-        _check_lossbench(sides, infos)
-        units = {name: {_unit_id(u): u for u in infos[name]["units"]} for name in SIDES}
+        units = _start_workers(workers, sides)
         order = list(units["base"]) + [k for k in units["head"] if k not in units["base"]]
-        todo = [k for k in order if not all((n, key) in done for n in SIDES if k in units[n]
-                                            for key in _row_keys(units[n][k]))]
+
+        def unit_passes(k: str) -> int:
+            return min(_passes_of(stored.get((n, key)), passes) for n in SIDES if k in units[n]
+                       for key in _row_keys(units[n][k]))
+
+        remaining = sum(passes - min(unit_passes(k), passes) for k in order)
         budget = budget_s if budget_s is not None else _suite_budget(spec)
         err.print(f"lossbench ab {run_id}: base {sides['base'].ref} ({sides['base'].sha[:10]}) vs head "
-                  f"{sides['head'].ref} ({sides['head'].sha[:10]}), {len(todo)} units to measure"
-                  + (f" ({len(order) - len(todo)} already done)" if resume else "") + f" -> {writer.path}")
+                  f"{sides['head'].ref} ({sides['head'].sha[:10]}), {len(order)} units x {passes} passes"
+                  + (f" ({len(order) * passes - remaining} already done)" if resume else "") + f" -> {writer.path}")
         with Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err) as progress:
-            task = progress.add_task("starting", total=len(todo))
-            for k in todo:
-                u = units["base"].get(k) or units["head"][k]
-                progress.update(task, description=f"{u['case']['family']} {u['impl']} {u['case']['n']}x{u['case']['c']}"[:40])
-                rows = _measure_unit(k, units, workers, sides, rng, timeout_s, budget, min_blocks)
-                for row in rows:
-                    writer.write(row)
-                measured += 1
-                progress.update(task, advance=1)
+            task = progress.add_task("starting", total=remaining)
+            for p in range(passes):
+                todo = [k for k in order if unit_passes(k) == p]
+                if not todo:
+                    continue
+                if p and measured:  # a fresh pair of processes for every pass (the first one is started)
+                    for w in workers.values():
+                        w.close()
+                    _start_workers(workers, sides)
+                for k in (todo if p == 0 else [todo[i] for i in rng.permutation(len(todo))]):
+                    u = units["base"].get(k) or units["head"][k]
+                    progress.update(task, description=f"pass {p + 1}: {u['case']['family']} {u['impl']} "
+                                                      f"{u['case']['n']}x{u['case']['c']}"[:40])
+                    old = {n: [stored.get((n, key)) for key in _row_keys(units[n][k])] for n in SIDES if k in units[n]}
+                    rows = _measure_unit(k, units, workers, rng, timeout_s, budget, min_blocks, p, old)
+                    for row in rows:
+                        writer.write(row)
+                        stored[(row["side"], records.key_of(row))] = row
+                    measured += 1
+                    progress.update(task, advance=1)
         state = "complete"
     except KeyboardInterrupt:
         state = "interrupted"
@@ -257,6 +279,18 @@ def run(spec: dict, base: str, head: str, out: str | Path, *, base_python: str |
     return Outcome(run_id, writer.path, state, measured, time.perf_counter() - start)
 
 
+def _start_workers(workers: dict[str, Worker], sides: dict[str, Side]) -> dict[str, dict]:
+    """Both sides' workers started; per side, its units by id."""
+    infos = {}
+    for name, w in workers.items():
+        try:
+            infos[name] = w.start()
+        except WorkerFailed as exc:
+            raise UsageError(f"the {name} worker ({sides[name].ref!r}) did not start: {exc}") from None
+    _check_lossbench(sides, infos)
+    return {name: {_unit_id(u): u for u in infos[name]["units"]} for name in SIDES}
+
+
 def _check_lossbench(sides: dict[str, Side], infos: dict[str, dict]) -> None:
     """A side whose checkout holds lossbench itself must have run that lossbench, not an installed one."""
     for name, side in sides.items():
@@ -267,30 +301,46 @@ def _check_lossbench(sides: dict[str, Side], infos: dict[str, dict]) -> None:
 
 
 def _suite_budget(spec: dict) -> float:
-    from ..run import plan_of
+    """Seconds of sampling per row and side: --budget, else the suite's (read without loading plugins,
+    which belong to the sides)."""
+    from ..suites import DEFAULT_BUDGET_S, load_suite
 
-    return plan_of(spec)[0].budget_s
+    if spec.get("budget") is not None:
+        return float(spec["budget"])
+    return float(load_suite(spec["suite"])[1].get("budget_s", DEFAULT_BUDGET_S)) if spec.get("suite") else DEFAULT_BUDGET_S
 
 
 ROUNDS_PER_BLOCK = 4  # ABBA rounds per mode in a block (after one warm-up round)
+# Passes: every unit measured again in a fresh pair of worker processes. A process carries its own
+# offset (in an A/A run of ce 256x1000 bfloat16 fwd one side was 5.1% slower over 15 blocks of fresh
+# inputs, CI 2.3-8.1%): the passes are the replicates that show it (report/ab.py).
+PASSES = 3
 MAX_BLOCKS = 50
 
 
-def _measure_unit(k: str, units: dict, workers: dict[str, Worker], sides: dict[str, Side],
-                  rng: np.random.Generator, timeout_s: float, budget_s: float, min_blocks: int) -> list[dict]:
-    """Both sides' rows of one unit: prepared on each side (in random order), then the modes that ran on
-    both sampled in blocks: each block starts with both sides' calls rebuilt on fresh copies of the inputs
-    (new addresses: report/ab.py judges on the blocks), then ROUNDS_PER_BLOCK ABBA rounds per mode. Blocks
-    go on until every mode's change is known within +-1% (95%), or the budget (2 x --budget per mode) ends;
-    at least min_blocks."""
+def _measure_unit(k: str, units: dict, workers: dict[str, Worker], rng: np.random.Generator, timeout_s: float,
+                  budget_s: float, min_blocks: int, pass_no: int, old: dict[str, list]) -> list[dict]:
+    """Both sides' rows of one unit after pass `pass_no`. The first pass prepares the unit on each side
+    (in random order: accuracy, memory, status); a later one has the stored rows and only rebuilds the
+    calls in these fresh processes. Then the modes that ran on both sides are sampled in blocks: each
+    block starts with both sides' calls rebuilt on fresh copies of the inputs (new addresses), then
+    ROUNDS_PER_BLOCK ABBA rounds per mode. Blocks go on until every mode's change is known within +-1%
+    (95%) or the budget (2 x --budget per mode) ends; at least min_blocks. The samples join the row's
+    earlier passes'."""
     present = [n for n in SIDES if k in units[n]]
-    rows: dict[str, list[dict]] = {}
     deadline = time.monotonic() + timeout_s
-    for name in rng.permutation(present):
+    first = pass_no == 0 or any(r is None for n in present for r in old[n])
+    rows: dict[str, list[dict]] = {}
+    for name in [present[i] for i in rng.permutation(len(present))]:
         u = units[name][k]
         try:
             _ensure_started(workers[name])
-            rows[name] = workers[name].request({"op": "prepare", "unit": u}, max(deadline - time.monotonic(), 1))["rows"]
+            if first:
+                rows[name] = workers[name].request({"op": "prepare", "unit": u}, max(deadline - time.monotonic(), 1))["rows"]
+            else:
+                rows[name] = [dict(r) for r in old[name]]
+                mutates = {r["mode"]: bool(r.get("mutates_inputs")) for r in rows[name] if r["status"] == "ok"}
+                workers[name].request({"op": "calls", "unit": u, "mutates": mutates}, max(deadline - time.monotonic(), 1))
         except (WorkerFailed, RuntimeError) as exc:
             status = exc.status if isinstance(exc, WorkerFailed) else "crash"
             workers[name].kill()
@@ -299,18 +349,21 @@ def _measure_unit(k: str, units: dict, workers: dict[str, Worker], sides: dict[s
         by_mode = {n: {r["mode"]: r for r in rows[n]} for n in SIDES}
         modes = [m for m in units["base"][k]["modes"] if m in by_mode["head"]
                  and by_mode["base"][m]["status"] == by_mode["head"][m]["status"] == "ok"]
+        if not first:  # modes with nothing to pair were complete after the first pass
+            modes = [m for m in modes if isinstance(by_mode["base"][m].get("pair_pass"), list)]
         try:
-            paired = _blocks(modes, workers, rng, deadline, budget_s, min_blocks)
+            offsets = {m: _next_ids(by_mode["base"][m]) for m in modes}
+            paired = _blocks(modes, workers, rng, deadline, budget_s, min_blocks, offsets)
         except WorkerFailed as exc:
             for name in SIDES:
                 workers[name].kill()
             for m in modes:
                 for name in SIDES:
-                    by_mode[name][m].update(status=exc.status, error=f"during the paired samples: {exc}")
+                    by_mode[name][m].update(status=exc.status, error=f"during the paired samples (pass {pass_no + 1}): {exc}")
             paired = {}
         for m, p in paired.items():
-            _set_times(by_mode["base"][m], p.a_ms, p.a_evict_ms, p.a_round, p.a_block, p.converged)
-            _set_times(by_mode["head"][m], p.b_ms, p.b_evict_ms, p.b_round, p.b_block, p.converged)
+            _add_times(by_mode["base"][m], p.a_ms, p.a_evict_ms, p.a_round, p.a_block, pass_no, p.converged)
+            _add_times(by_mode["head"][m], p.b_ms, p.b_evict_ms, p.b_round, p.b_block, pass_no, p.converged)
     out = []
     for name in present:
         for r in rows[name]:
@@ -319,20 +372,29 @@ def _measure_unit(k: str, units: dict, workers: dict[str, Worker], sides: dict[s
     return out
 
 
+def _next_ids(row: dict) -> tuple[int, int]:
+    """The first round and block numbers free in a row (after its earlier passes)."""
+    rounds, blocks = row.get("pair_round"), row.get("pair_block")
+    if isinstance(rounds, list) and rounds:
+        return max(rounds) + 1, max(blocks) + 1
+    return 0, 0
+
+
 def _blocks(modes: list[str], workers: dict[str, Worker], rng: np.random.Generator, deadline: float,
-            budget_s: float, min_blocks: int) -> dict[str, pairing.Paired]:
+            budget_s: float, min_blocks: int, offsets: dict[str, tuple[int, int]]) -> dict[str, pairing.Paired]:
     paired = {m: pairing.Paired() for m in modes}
     if not modes:
         return paired
     start = time.perf_counter()
     for blk in range(MAX_BLOCKS):
         if blk:
-            for name in rng.permutation(SIDES):
+            for name in [SIDES[i] for i in rng.permutation(2)]:
                 workers[name].request({"op": "refresh"}, max(deadline - time.monotonic(), 1))
         for m in modes:
+            r0, b0 = offsets[m]
             p = pairing.abba(_sampler(workers["base"], m, deadline), _sampler(workers["head"], m, deadline), rng=rng,
                              min_rounds=ROUNDS_PER_BLOCK, max_rounds=ROUNDS_PER_BLOCK, budget_s=math.inf,
-                             first_round=blk * ROUNDS_PER_BLOCK, block=blk)
+                             first_round=r0 + blk * ROUNDS_PER_BLOCK, block=b0 + blk)
             paired[m].extend(p)
         if blk + 1 < min_blocks:
             continue
@@ -358,12 +420,19 @@ def _sampler(w: Worker, mode: str, deadline: float) -> pairing.Sampler:
     return sample
 
 
-def _set_times(row: dict, ms: list[float], evict: list[float], rounds: list[int], blocks: list[int],
+def _add_times(row: dict, ms: list[float], evict: list[float], rounds: list[int], blocks: list[int], pass_no: int,
                converged: bool) -> None:
-    row.update(stats.summarize(ms))
-    row.update(raw_ms=[round(x, 6) for x in ms], evict_ms=[round(x, 6) for x in evict], pair_round=list(rounds),
-               pair_block=list(blocks),
-               converged=converged, speedup_vs_torch=None, speedup_ci_low=None, speedup_ci_high=None)
+    """The pass's samples added to the row's (its first pass: replacing the side's own unpaired ones)."""
+    def earlier(col):
+        v = row.get(col)
+        return list(v) if isinstance(row.get("pair_pass"), list) and isinstance(v, list) else []
+
+    all_ms = earlier("raw_ms") + [round(x, 6) for x in ms]
+    row.update(stats.summarize(all_ms))
+    row.update(raw_ms=all_ms, evict_ms=earlier("evict_ms") + [round(x, 6) for x in evict],
+               pair_round=earlier("pair_round") + list(rounds), pair_block=earlier("pair_block") + list(blocks),
+               pair_pass=earlier("pair_pass") + [pass_no] * len(ms), converged=converged,
+               speedup_vs_torch=None, speedup_ci_low=None, speedup_ci_high=None)
 
 
 def _failed_rows(u: dict, w: Worker, status: str, why: str) -> list[dict]:

@@ -11,6 +11,7 @@ whatever the side prints (torch, inductor, a plugin) cannot garble them:
   init {spec, run_id, side, git_sha}   -> {units, lossbench, provenance}
   prepare {unit}                        -> {rows}   accuracy, memory and status of the unit, untimed calls
                                                    warmed up for each mode that ran
+  calls {unit, mutates}                 -> {}       a later pass: the unit's calls only, warmed up
   refresh                               -> {}       the unit's calls rebuilt on fresh copies of the inputs
   sample {mode}                         -> {ms, evict_ms}   one timed sample, caches evicted before it
   quit
@@ -75,6 +76,12 @@ class _Side:
         self.mutates = {r["mode"]: bool(r.get("mutates_inputs")) for r in rows if r["status"] == "ok"}
         self.refresh()
         return {"rows": rows}
+
+    def calls_for(self, unit_json: dict, mutates: dict) -> dict:
+        """A later pass: the unit's calls only (the rows are the first pass's)."""
+        self.unit = self.units[_key_of_json(unit_json)]
+        self.mutates = mutates
+        return self.refresh()
 
     def refresh(self) -> dict:
         """The unit's calls made anew: fresh copies of the inputs, at new addresses (a block of rounds
@@ -162,6 +169,8 @@ def main() -> int:
                 reply = side.describe()
             elif op == "prepare":
                 reply = side.prepare(req["unit"])
+            elif op == "calls":
+                reply = side.calls_for(req["unit"], req["mutates"])
             elif op == "refresh":
                 reply = side.refresh()
             elif op == "sample":

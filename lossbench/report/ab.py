@@ -2,10 +2,11 @@
 exit codes of `lossbench compare` (0 none regressed, 1 some did, 2 bad input).
 
 time: per row, the paired log-ratios of its rounds (head over base, runners/pairing.py), per block of
-  rounds (both sides on fresh copies of the inputs) their median; the change is the blocks' mean, with a
-  Student-t 95% CI and test over the blocks (a row with fewer than pairing.MIN_BLOCKS blocks: the rounds'
-  median, its order-statistic CI and a Wilcoxon signed-rank test); false-discovery control over the
-  run's time rows (Benjamini-Hochberg, scipy.stats.false_discovery_control). regressed / improved:
+  rounds (both sides on fresh copies of the inputs) their median, per pass (a fresh pair of processes)
+  the blocks' mean; the change is the passes' mean, with a Student-t 95% CI and test on the pass-to-pass
+  variance moderated towards the run's pooled one (pairing.summarize_passes). With one pass: over its
+  blocks; below pairing.MIN_BLOCKS blocks: the rounds' median and a Wilcoxon signed-rank test.
+  Then false-discovery control over the run's time rows (Benjamini-Hochberg, scipy.stats.false_discovery_control). regressed / improved:
   q < ALPHA and the change beyond the threshold; unchanged: the CI inside it; inconclusive: neither.
   No between-run term and no neighbour drift as in compare: the two sides were sampled in the same
   rounds, so the machine's state is in both.
@@ -57,28 +58,44 @@ def _sha(rows: pd.DataFrame) -> str:
 
 
 def _time_verdicts(both: pd.DataFrame, threshold: float) -> tuple[pd.DataFrame, dict]:
-    recs = []
+    rows = []
     for _, r in both[(both["status_b"] == "ok") & (both["status_h"] == "ok")].iterrows():
         if not isinstance(r.get("pair_round_b"), list) or not isinstance(r.get("pair_round_h"), list):
             continue
         d = pairing.log_ratios(r["raw_ms_b"], r["pair_round_b"], r["raw_ms_h"], r["pair_round_h"])
         if len(d) < 2:
             continue
-        m_b = pairing.block_log_ratios(r["raw_ms_b"], r["pair_round_b"], _blocks(r, "_b"),
-                                       r["raw_ms_h"], r["pair_round_h"], _blocks(r, "_h"))
-        if len(m_b) >= pairing.MIN_BLOCKS:
-            s = pairing.summarize_blocks(m_b, len(d), float(np.std(d, ddof=1)))
-        else:  # one placement of the inputs: its rounds alone (report the row, but this undercounts noise)
+        per_pass = pairing.blocks_by_pass(r["raw_ms_b"], r["pair_round_b"], _ids(r, "pair_block", "_b"), _ids(r, "pair_pass", "_b"),
+                                          r["raw_ms_h"], r["pair_round_h"], _ids(r, "pair_block", "_h"), _ids(r, "pair_pass", "_h"))
+        rows.append((r, d, per_pass))
+    if not rows:
+        return pd.DataFrame(), {}
+    # The pass-to-pass variance pooled over the device's rows (each row's own has one degree of freedom
+    # per pass beyond the first).
+    pooled = {}
+    for device in {r["device_h"] for r, _, _ in rows}:
+        own = [(pairing.pass_variance(pp), len(pp) - 1) for r, _, pp in rows if r["device_h"] == device]
+        own = [(v, df) for v, df in own if v is not None]
+        if own:
+            pooled[device] = (sum(v * df for v, df in own) / sum(df for _, df in own), sum(df for _, df in own))
+    recs = []
+    for r, d, per_pass in rows:
+        sd = float(np.std(d, ddof=1))
+        blocks = sum(len(v) for v in per_pass.values())
+        if len(per_pass) >= 2 and r["device_h"] in pooled:
+            s = pairing.summarize_passes(per_pass, *pooled[r["device_h"]], len(d), sd)
+        elif blocks >= pairing.MIN_BLOCKS:  # one pass: the blocks (a process's own offset is not in them)
+            s = pairing.summarize_blocks(np.concatenate(list(per_pass.values())), len(d), sd)
+        else:  # one placement of the inputs: its rounds alone (this undercounts the noise)
             s = pairing.summarize(d)
-        if not math.isfinite(s.p):
-            continue
-        recs.append((r, s, math.log(s.ratio), len(m_b)))
+        if math.isfinite(s.p):
+            recs.append((r, s, math.log(s.ratio), (len(per_pass), blocks)))
     if not recs:
         return pd.DataFrame(), {}
     q = stats.false_discovery_control([s.p for _, s, _, _ in recs], method="bh")
     bound = math.log1p(threshold)
     out = []
-    for (r, s, med, blocks), qi in zip(recs, q):
+    for (r, s, med, (n_pass, blocks)), qi in zip(recs, q):
         lo, hi = math.log(s.ci_low), math.log(s.ci_high)
         if qi < ALPHA and med > bound:
             v = "regressed"
@@ -88,9 +105,10 @@ def _time_verdicts(both: pd.DataFrame, threshold: float) -> tuple[pd.DataFrame, 
             v = "unchanged"
         else:
             v = "inconclusive"
-        note = f"{s.rounds} paired rounds in {blocks} blocks, sd of a round's log-ratio {100 * s.sd_log:.2g}%"
+        note = (f"{s.rounds} paired rounds in {blocks} blocks over {n_pass} passes, sd of a round's log-ratio "
+                f"{100 * s.sd_log:.2g}%")
         if v == "inconclusive":
-            note += "; more rounds (--budget) narrow the interval"
+            note += "; more passes (--passes) or blocks (--budget) narrow the interval"
         out.append(compare._verdict(r, "time", v, float(r["time_median_ms_b"]), float(r["time_median_ms_h"]),
                                     s.ratio, s.ci_low, s.ci_high, s.p, float(qi), note=note, severity=abs(med)))
     noise = {}
@@ -98,13 +116,14 @@ def _time_verdicts(both: pd.DataFrame, threshold: float) -> tuple[pd.DataFrame, 
                        "med": [m for _, _, m, _ in recs]})
     for device, g in df.groupby("device"):
         noise[device] = {"paired_sd_pct": 100 * float(np.median(g["sd"])), "rows": len(g),
-                         "median_change_pct": 100 * (math.exp(float(np.median(g["med"]))) - 1)}
+                         "median_change_pct": 100 * (math.exp(float(np.median(g["med"]))) - 1),
+                         "pass_sd_pct": 100 * math.sqrt(pooled[device][0]) if device in pooled else None}
     return pd.DataFrame(out), noise
 
 
-def _blocks(r: pd.Series, suffix: str) -> list[int]:
-    blocks = r.get("pair_block" + suffix)
-    return blocks if isinstance(blocks, list) else [0] * len(r["pair_round" + suffix])
+def _ids(r: pd.Series, col: str, suffix: str) -> list[int]:
+    ids = r.get(col + suffix)
+    return ids if isinstance(ids, list) else [0] * len(r["pair_round" + suffix])
 
 
 def summary_lines(cmp: compare.Comparison) -> list[str]:
@@ -112,8 +131,10 @@ def summary_lines(cmp: compare.Comparison) -> list[str]:
     lines = [f"{cmp.base.name} -> {cmp.head.name}: threshold {cmp.threshold * 100:g}%, paired rounds, "
              f"false-discovery rate {ALPHA:g} over time rows; {counts}"]
     for device, n in cmp.noise.items():
+        passes = (f"; between passes (fresh processes) {n['pass_sd_pct']:.2f}% (sd, pooled)"
+                  if n.get("pass_sd_pct") is not None else "")
         lines.append(f"{device}: paired noise (sd of a round's log-ratio, median over {n['rows']} rows) "
-                     f"{n['paired_sd_pct']:.2f}%; median change over the rows {n['median_change_pct']:+.2f}%")
+                     f"{n['paired_sd_pct']:.2f}%{passes}; median change over the rows {n['median_change_pct']:+.2f}%")
     return lines
 
 

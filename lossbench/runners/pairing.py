@@ -112,6 +112,17 @@ def block_log_ratios(a_ms, a_round, a_block, b_ms, b_round, b_block) -> np.ndarr
     return np.array([float(np.median(v)) for _, v in sorted(per_block.items())])
 
 
+def blocks_by_pass(a_ms, a_round, a_block, a_pass, b_ms, b_round, b_block, b_pass) -> dict[int, np.ndarray]:
+    """Per pass (a fresh pair of processes), the median log-ratio of each of its blocks."""
+    pass_of_block = {int(blk): int(p) for blk, p in zip(b_block, b_pass)}
+    medians = block_log_ratios(a_ms, a_round, a_block, b_ms, b_round, b_block)
+    present = sorted({int(x) for x in b_block} & {int(x) for x in a_block})
+    out: dict[int, list[float]] = {}
+    for blk, m in zip(present, medians):
+        out.setdefault(pass_of_block[blk], []).append(m)
+    return {p: np.array(v) for p, v in sorted(out.items())}
+
+
 @dataclass(frozen=True)
 class PairedSummary:
     ratio: float      # exp(median paired log-ratio): B's time over A's
@@ -136,6 +147,36 @@ def summarize(d: np.ndarray) -> PairedSummary:
 
 
 MIN_BLOCKS = 3  # blocks a row needs to be judged on them
+PRIOR_DF = 10    # at most this many degrees of freedom lent by the pooled pass-to-pass variance
+
+
+def pass_variance(per_pass: dict[int, np.ndarray]) -> float | None:
+    """The variance of a row's pass estimates (each the mean of its blocks' medians), None below 2 passes."""
+    e = [float(np.mean(v)) for v in per_pass.values() if len(v)]
+    return float(np.var(e, ddof=1)) if len(e) >= 2 else None
+
+
+def summarize_passes(per_pass: dict[int, np.ndarray], pooled_var: float, pooled_df: int, rounds: int,
+                     sd_log: float) -> PairedSummary:
+    """The change from passes, each a fresh pair of processes: the mean of the pass estimates. Its
+    variance is the pass-to-pass variance (a process's offset is in it), moderated towards the one pooled
+    over the run's rows (empirical Bayes, as limma's moderated t: one row's two passes give a variance
+    with one degree of freedom; the rows together pin it down), and never below what the blocks within
+    the passes show. Student-t CI and test (scipy.stats) with the moderated degrees of freedom."""
+    e = np.array([float(np.mean(v)) for v in per_pass.values() if len(v)])
+    n = len(e)
+    own = float(np.var(e, ddof=1))
+    d0 = min(PRIOR_DF, pooled_df)
+    var = (d0 * pooled_var + (n - 1) * own) / (d0 + n - 1)
+    within = sum(float(np.var(v, ddof=1)) / len(v) for v in per_pass.values() if len(v) >= 2) / n**2
+    se = math.sqrt(max(var / n, within))
+    df = d0 + n - 1
+    est = float(np.mean(e))
+    if se == 0:
+        return PairedSummary(math.exp(est), math.exp(est), math.exp(est), 1.0 if est == 0 else 0.0, sd_log, rounds)
+    half = float(stats.t.ppf(0.975, df)) * se
+    p = float(2 * stats.t.sf(abs(est) / se, df))
+    return PairedSummary(math.exp(est), math.exp(est - half), math.exp(est + half), p, sd_log, rounds)
 
 
 def summarize_blocks(m: np.ndarray, rounds: int, sd_log: float) -> PairedSummary:
