@@ -93,7 +93,7 @@ COLLECTIVE_SAMPLES = 20
 
 # Paired rounds against torch_functional: blocks of this many ABBA rounds (4 samples each, 2 of the
 # row's), each block on fresh inputs; at least pairing.MIN_BLOCKS blocks, more while the budget lasts.
-PAIRED_BLOCK_ROUNDS = 2
+PAIRED_BLOCK_ROUNDS = 1
 PAIRED_MAX_BLOCKS = 100
 
 

@@ -75,21 +75,24 @@ def test_equal_sides_are_not_significant():
 
 
 # --- verdicts -----------------------------------------------------------------------------------------
-def _ab_file(tmp_path, slow=None, blocks=5, rounds_per_block=4, sd=0.03, placement=0.02, seed=0, with_blocks=True):
+def _ab_file(tmp_path, slow=None, blocks=5, rounds_per_block=4, sd=0.03, placement=0.02, seed=0, with_blocks=True,
+             passes=1, process=0.0, with_passes=True):
     """An ab run file: 20 rows x 2 sides; head's rows of impl `slow` (name, factor) slower. Every round
     shares the machine's speed (+-30%) on both sides; each block of rounds has each side's inputs at a new
-    place, which moves that side's time by `placement` (sd) for the block; each sample has noise `sd`."""
+    place, which moves that side's time by `placement` (sd) for the block; each pass (`blocks` blocks) is
+    a new process of each side, which moves its time by `process` (sd); each sample has noise `sd`."""
     rng = np.random.default_rng(seed)
     rows = []
-    rounds = blocks * rounds_per_block
+    rounds = blocks * rounds_per_block * passes
     for i in range(20):
         impl = "slowed" if i % 2 else "steady"
         speeds = np.exp(rng.normal(0, 0.3, rounds))
         for side in ("base", "head"):
             f = slow[1] if slow and slow[0] == impl and side == "head" else 1.0
-            placed = np.exp(rng.normal(0, placement, blocks))
-            raw = [float(5 * sp * f * placed[r // rounds_per_block] * np.exp(rng.normal(0, sd)))
-                   for r, sp in enumerate(speeds) for _ in range(2)]
+            placed = np.exp(rng.normal(0, placement, blocks * passes))
+            proc = np.exp(rng.normal(0, process, passes))
+            raw = [float(5 * sp * f * placed[r // rounds_per_block] * proc[r // (rounds_per_block * blocks)]
+                         * np.exp(rng.normal(0, sd))) for r, sp in enumerate(speeds) for _ in range(2)]
             pair_round = [r for r in range(rounds) for _ in range(2)]
             rows.append({"run_id": "ab1", "side": side, "device": "cpu", "device_name": "Test CPU", "git_sha": side * 4,
                          "torch_version": "2.13.0", "triton_version": None, "cuda_version": None, "threads": 2,
@@ -97,6 +100,7 @@ def _ab_file(tmp_path, slow=None, blocks=5, rounds_per_block=4, sd=0.03, placeme
                          "mode": "fwd_bwd", "options": "{}", "input_dist": "normal", "label": f"{100 + i}x10",
                          "status": "ok", "error": None, "raw_ms": raw, "pair_round": pair_round,
                          "pair_block": [r // rounds_per_block for r in pair_round] if with_blocks else None,
+                         "pair_pass": [r // (rounds_per_block * blocks) for r in pair_round] if with_passes else None,
                          "time_median_ms": float(np.median(raw)), "extra_mem_bytes": 4096.0, "extra_mem_max_bytes": None,
                          "accuracy_ok": True, "grad_row_err_max": 1e-7, "loss_rel_err": 1e-8})
     path = tmp_path / "ab1.jsonl"
@@ -115,10 +119,10 @@ def test_a_slower_implementation_is_regressed_and_nothing_else(tmp_path):
     assert (t[t["impl"] == "slowed"]["verdict"] == "regressed").all()
     assert t[t["impl"] == "steady"]["verdict"].isin(["unchanged", "inconclusive"]).all()
     assert cmp.exit_code() == 1
-    # Unpaired (every sample of a side, pooled, by `compare`'s median ratio test) the +-30% machine drowns it:
-    b, h = rows_by_side(tmp_path / "ab1.jsonl")
-    pooled = [np.median(y) / np.median(x) for x, y in zip(b["raw_ms"], h["raw_ms"])]
-    assert np.std(np.log(pooled)) > 0.05
+    # A 10% faster head is improved, and exits 0.
+    cmp = ab_report.verdicts(_ab_file(tmp_path, slow=("steady", 0.9)), 0.05)
+    t = _time(cmp)
+    assert (t[t["impl"] == "steady"]["verdict"] == "improved").all() and cmp.exit_code() == 0
 
 
 def test_equal_sides_stay_quiet_and_a_wrong_pairing_would_not(tmp_path):
@@ -139,11 +143,25 @@ def test_equal_sides_stay_quiet_and_a_wrong_pairing_would_not(tmp_path):
 def test_judging_over_blocks_absorbs_where_the_inputs_landed(tmp_path):
     """Each block's placement moves a side's time by 4% (sd): judged over blocks, equal sides stay quiet at
     a 3% threshold; the same samples judged on their rounds alone (one block) raise false alarms."""
-    blocks = _time(ab_report.verdicts(_ab_file(tmp_path, sd=0.01, placement=0.04, seed=1), 0.03))
+    blocks = _time(ab_report.verdicts(_ab_file(tmp_path, sd=0.01, placement=0.04, seed=3), 0.03))
     assert not blocks["verdict"].isin(["regressed", "improved"]).any()
     assert blocks["note"].str.contains("in 5 blocks").all()
-    rounds = _time(ab_report.verdicts(_ab_file(tmp_path, sd=0.01, placement=0.04, seed=1, with_blocks=False), 0.03))
+    rounds = _time(ab_report.verdicts(_ab_file(tmp_path, sd=0.01, placement=0.04, seed=3, with_blocks=False), 0.03))
     assert rounds["verdict"].isin(["regressed", "improved"]).sum() >= 2
+
+
+def test_passes_absorb_each_processs_own_offset(tmp_path):
+    """Each pass (a fresh process per side) moves a side's time by 4% (sd), its blocks by 1%: judged over
+    3 passes, equal sides stay quiet at a 3% threshold and a 15% slower implementation is caught; the same
+    samples judged as one pass (blocks alone, which share their process's offset) raise false alarms."""
+    kw = dict(passes=3, blocks=3, process=0.04, placement=0.01, sd=0.01, seed=3)
+    quiet = _time(ab_report.verdicts(_ab_file(tmp_path, **kw), 0.03))
+    assert not quiet["verdict"].isin(["regressed", "improved"]).any()
+    assert quiet["note"].str.contains("over 3 passes").all()
+    caught = _time(ab_report.verdicts(_ab_file(tmp_path, slow=("slowed", 1.15), **kw), 0.03))
+    assert (caught[caught["impl"] == "slowed"]["verdict"] == "regressed").all()
+    one = _time(ab_report.verdicts(_ab_file(tmp_path, with_passes=False, **kw), 0.03))
+    assert one["verdict"].isin(["regressed", "improved"]).sum() >= 2
 
 
 def test_a_change_below_the_threshold_is_not_regressed(tmp_path):
@@ -174,12 +192,16 @@ def test_ab_catches_a_slower_commit_of_a_plugin(tmp_path):
     assert t["torch_functional"]["verdict"] != "regressed"
     (run_file,) = (res / "ab").glob("*.jsonl")
     df = pd.read_json(run_file, lines=True)
-    assert sorted(df["side"]) == ["base", "base", "head", "head"]
+    assert sorted(set(zip(df["side"], df["impl"]))) == [("base", "calibrated"), ("base", "torch_functional"),
+                                                         ("head", "calibrated"), ("head", "torch_functional")]
     shas = subprocess.run(["git", "rev-parse", "HEAD~1", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.split()
     assert set(df[df["side"] == "base"]["git_sha"]) == {shas[0]} and set(df[df["side"] == "head"]["git_sha"]) == {shas[1]}
-    for _, r in df.iterrows():
-        assert len(r["pair_round"]) == len(r["pair_block"]) == len(r["raw_ms"]) == r["samples"] >= 2 * 4 * 5
+    base, head = rows_by_side(run_file)
+    for _, r in pd.concat([base, head]).iterrows():  # the last version of each row: all passes
+        assert len(r["pair_round"]) == len(r["pair_block"]) == len(r["pair_pass"]) == len(r["raw_ms"]) == r["samples"]
+        assert r["samples"] >= 3 * 3 * 4 * 2  # passes x blocks x rounds x samples
         assert sorted(set(r["pair_block"])) == list(range(max(r["pair_block"]) + 1))
+        assert set(r["pair_pass"]) == {0, 1, 2}
     # the temporary worktrees are gone
     listed = subprocess.run(["git", "worktree", "list"], cwd=repo, capture_output=True, text=True).stdout
     assert len(listed.strip().splitlines()) == 1
@@ -227,23 +249,23 @@ def test_a_killed_ab_run_resumes_to_every_unit_once(tmp_path):
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         files = list((res / "ab").glob("*.jsonl")) if (res / "ab").exists() else []
-        if files and len(files[0].read_text().splitlines()) >= 4:  # two units of six written
+        if files and len(files[0].read_text().splitlines()) >= 4:  # two units' first pass written
             break
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     (run_file,) = files
     written = len(run_file.read_text().splitlines())
-    assert 4 <= written < 12
+    assert 4 <= written < 36  # 6 units x 2 sides x 3 passes
     run_id = run_file.name.removesuffix(".jsonl")
     done = subprocess.run([sys.executable, "-m", "lossbench", "ab", "--resume", run_id, "--results", str(res)],
                           cwd=repo, capture_output=True, text=True, timeout=600)
     assert done.returncode in (0, 1), done.stderr
-    assert f"{written // 2} already done" in done.stderr or "already done" in done.stderr
+    assert "already done" in done.stderr
     base, head = rows_by_side(run_file)
     assert len(base) == len(head) == 6
-    df = pd.read_json(run_file, lines=True)
-    assert len(df) == 12 + (written % 2)  # a half-written unit's side is measured again, last one kept
+    for _, r in pd.concat([base, head]).iterrows():  # every row complete: all passes
+        assert set(r["pair_pass"]) == {0, 1, 2}
 
 
 # --- nightly --ab ---------------------------------------------------------------------------------------
@@ -298,7 +320,7 @@ def test_a_runs_speedup_is_paired_with_torch_functional(tmp_path, monkeypatch, c
     adj = df[df["impl"] == "adjustable"].iloc[0]
     assert 0.4 < adj["speedup_vs_torch"] < 0.65, adj["speedup_vs_torch"]
     assert adj["speedup_ci_low"] <= adj["speedup_vs_torch"] <= adj["speedup_ci_high"] < 0.8
-    assert adj["samples"] >= 2 * 2 * 3 and len(adj["raw_ms"]) == adj["samples"]
+    assert adj["samples"] >= 2 * 3 and len(adj["raw_ms"]) == adj["samples"]
     assert pd.isna(df[df["impl"] == "torch_functional"].iloc[0]["speedup_vs_torch"])
     out = capsys.readouterr().out
     assert f"{adj['speedup_vs_torch']:.2f}× [{adj['speedup_ci_low']:.2f}, {adj['speedup_ci_high']:.2f}]" in out

@@ -3,9 +3,12 @@
 Per unit (one implementation on one case), both sides' workers are alive together: each first runs its
 own sweep on the unit (accuracy, memory, status: untimed as far as the verdict goes), then the driver
 takes the two sides' samples in randomized ABBA rounds, one sample at a time (runners/pairing.py), so
-both see the same machine. Rows go to results/ab/<run_id>.jsonl as each unit finishes, both sides'
-rows of the unit together, each with its `side` and, per raw sample, its `pair_round`. A killed run
-resumes (--resume): a unit is done when both sides' rows of it are in the file.
+both see the same machine; rounds come in blocks, each on fresh copies of the inputs. The whole run is
+made `passes` times, each pass with a fresh pair of worker processes. Rows go to
+results/ab/<run_id>.jsonl as each unit's pass finishes, both sides' rows of the unit together (a later
+pass writes them again with its samples added), each with its `side` and, per raw sample, its
+`pair_round`, `pair_block` and `pair_pass`. A killed run resumes (--resume): each unit is measured in
+the passes its rows do not have yet.
 """
 from __future__ import annotations
 
@@ -165,7 +168,7 @@ def _row_keys(u: dict) -> list[tuple]:
 
 
 def open_run(spec: dict, base: str, head: str, out: str | Path, *, base_python: str | None,
-             head_python: str | None, resume: str | None) -> tuple[store.RunWriter, dict[str, Side], dict]:
+             head_python: str | None, resume: str | None, passes: int = 0) -> tuple[store.RunWriter, dict[str, Side], dict]:
     """The run's writer and its two sides (made and checked before any worker starts), and the rows a
     resumed run already has, by (side, key) (a row written again replaces its earlier version)."""
     folder = Path(out) / "ab"
@@ -180,7 +183,10 @@ def open_run(spec: dict, base: str, head: str, out: str | Path, *, base_python: 
     try:
         for name in SIDES:
             m = sides_meta[name]
-            sides[name] = open_side(name, m["ref"], m["python"], spec["plugins"], sha=m.get("sha"))
+            # A resumed run measures the commits it started with, wherever the refs have moved since.
+            ref = m["ref"] if not resume or Path(m["ref"]).is_dir() else m["sha"]
+            sides[name] = open_side(name, ref, m["python"], spec["plugins"], sha=m.get("sha"))
+            sides[name].ref = m["ref"]
         if sides["base"].path == sides["head"].path:
             raise UsageError(f"base and head are the same checkout ({sides['base'].path}): give two refs or "
                              "two directories")
@@ -188,7 +194,7 @@ def open_run(spec: dict, base: str, head: str, out: str | Path, *, base_python: 
             writer = store.RunWriter(folder, resume)
             stored = {(r.get("side"), records.key_of(r)): r for r in store._read_run_file(writer.path)}
         else:
-            meta = {"kind": "ab", "spec": spec, "passes": spec.get("passes", PASSES), "sides": {
+            meta = {"kind": "ab", "spec": spec, "passes": passes or PASSES, "sides": {
                 n: {"ref": s.ref, "sha": s.sha, "python": sides_meta[n]["python"], "plugins": s.plugins}
                 for n, s in sides.items()}}
             writer = store.RunWriter(folder, records.new_run_id(), meta)
@@ -216,10 +222,8 @@ def run(spec: dict | None, base: str | None, head: str | None, out: str | Path, 
     """Measures the two sides into <out>/ab/<run_id>.jsonl (or finishes run `resume`): `passes` times, each
     with a fresh pair of worker processes, every unit in each (units in a new random order every pass)."""
     err = err or Console(stderr=True)
-    if spec is not None:
-        spec = {**spec, "passes": passes or PASSES}
     writer, sides, stored = open_run(spec, base, head, out, base_python=base_python, head_python=head_python,
-                                     resume=resume)
+                                     resume=resume, passes=passes or PASSES)
     run_id = writer.meta["run_id"]
     spec = writer.meta["spec"]
     passes = int(writer.meta.get("passes", PASSES))

@@ -3,8 +3,9 @@ exit codes of `lossbench compare` (0 none regressed, 1 some did, 2 bad input).
 
 time: per row, the paired log-ratios of its rounds (head over base, runners/pairing.py), per block of
   rounds (both sides on fresh copies of the inputs) their median, per pass (a fresh pair of processes)
-  the blocks' mean; the change is the passes' mean, with a Student-t 95% CI and test on the pass-to-pass
-  variance moderated towards the run's pooled one (pairing.summarize_passes). With one pass: over its
+  the blocks' median; the change is the passes' mean, with a Student-t 95% CI and test on its variance: the
+  process component pooled over the run's rows plus the row's within-pass part, moderated with the
+  row's own pass-to-pass variance (pairing.summarize_passes). With one pass: over its
   blocks; below pairing.MIN_BLOCKS blocks: the rounds' median and a Wilcoxon signed-rank test.
   Then false-discovery control over the run's time rows (Benjamini-Hochberg, scipy.stats.false_discovery_control). regressed / improved:
   q < ALPHA and the change beyond the threshold; unchanged: the CI inside it; inconclusive: neither.
@@ -70,20 +71,18 @@ def _time_verdicts(both: pd.DataFrame, threshold: float) -> tuple[pd.DataFrame, 
         rows.append((r, d, per_pass))
     if not rows:
         return pd.DataFrame(), {}
-    # The pass-to-pass variance pooled over the device's rows (each row's own has one degree of freedom
-    # per pass beyond the first).
+    # The process component, pooled over the device's rows (pairing.pooled_process_variance).
     pooled = {}
     for device in {r["device_h"] for r, _, _ in rows}:
-        own = [(pairing.pass_variance(pp), len(pp) - 1) for r, _, pp in rows if r["device_h"] == device]
-        own = [(v, df) for v, df in own if v is not None]
-        if own:
-            pooled[device] = (sum(v * df for v, df in own) / sum(df for _, df in own), sum(df for _, df in own))
+        comps = [pairing.pass_components(pp) for r, _, pp in rows if r["device_h"] == device]
+        if any(c is not None for c in comps):
+            pooled[device] = pairing.pooled_process_variance([c for c in comps if c is not None])
     recs = []
     for r, d, per_pass in rows:
         sd = float(np.std(d, ddof=1))
         blocks = sum(len(v) for v in per_pass.values())
         if len(per_pass) >= 2 and r["device_h"] in pooled:
-            s = pairing.summarize_passes(per_pass, *pooled[r["device_h"]], len(d), sd)
+            s = pairing.summarize_passes(per_pass, pooled[r["device_h"]], len(d), sd)
         elif blocks >= pairing.MIN_BLOCKS:  # one pass: the blocks (a process's own offset is not in them)
             s = pairing.summarize_blocks(np.concatenate(list(per_pass.values())), len(d), sd)
         else:  # one placement of the inputs: its rounds alone (this undercounts the noise)
@@ -117,7 +116,7 @@ def _time_verdicts(both: pd.DataFrame, threshold: float) -> tuple[pd.DataFrame, 
     for device, g in df.groupby("device"):
         noise[device] = {"paired_sd_pct": 100 * float(np.median(g["sd"])), "rows": len(g),
                          "median_change_pct": 100 * (math.exp(float(np.median(g["med"]))) - 1),
-                         "pass_sd_pct": 100 * math.sqrt(pooled[device][0]) if device in pooled else None}
+                         "process_sd_pct": 100 * math.sqrt(pooled[device]) if device in pooled else None}
     return pd.DataFrame(out), noise
 
 
@@ -131,8 +130,8 @@ def summary_lines(cmp: compare.Comparison) -> list[str]:
     lines = [f"{cmp.base.name} -> {cmp.head.name}: threshold {cmp.threshold * 100:g}%, paired rounds, "
              f"false-discovery rate {ALPHA:g} over time rows; {counts}"]
     for device, n in cmp.noise.items():
-        passes = (f"; between passes (fresh processes) {n['pass_sd_pct']:.2f}% (sd, pooled)"
-                  if n.get("pass_sd_pct") is not None else "")
+        passes = (f"; a fresh pair of processes moves a row by {n['process_sd_pct']:.2f}% (sd, pooled over the rows)"
+                  if n.get("process_sd_pct") is not None else "")
         lines.append(f"{device}: paired noise (sd of a round's log-ratio, median over {n['rows']} rows) "
                      f"{n['paired_sd_pct']:.2f}%{passes}; median change over the rows {n['median_change_pct']:+.2f}%")
     return lines

@@ -147,30 +147,54 @@ def summarize(d: np.ndarray) -> PairedSummary:
 
 
 MIN_BLOCKS = 3  # blocks a row needs to be judged on them
-PRIOR_DF = 10    # at most this many degrees of freedom lent by the pooled pass-to-pass variance
+PRIOR_DF = 4     # degrees of freedom given to the modelled variance of a pass estimate (summarize_passes)
 
 
-def pass_variance(per_pass: dict[int, np.ndarray]) -> float | None:
-    """The variance of a row's pass estimates (each the mean of its blocks' medians), None below 2 passes."""
-    e = [float(np.mean(v)) for v in per_pass.values() if len(v)]
-    return float(np.var(e, ddof=1)) if len(e) >= 2 else None
+def _pass_estimate(blocks: np.ndarray) -> tuple[float, float]:
+    """A pass's estimate, the median of its blocks' medians (a burst on the host can take a whole block:
+    +90% in one block of an A/A pass whose others read -1% and +6%), and that median's variance
+    (pi/2 x the blocks' robust variance, scaled MAD, over their number; 0 for a single block)."""
+    if len(blocks) < 2:
+        return float(np.median(blocks)), 0.0
+    mad = float(stats.median_abs_deviation(blocks, scale="normal"))
+    return float(np.median(blocks)), math.pi / 2 * mad**2 / len(blocks)
 
 
-def summarize_passes(per_pass: dict[int, np.ndarray], pooled_var: float, pooled_df: int, rounds: int,
-                     sd_log: float) -> PairedSummary:
-    """The change from passes, each a fresh pair of processes: the mean of the pass estimates. Its
-    variance is the pass-to-pass variance (a process's offset is in it), moderated towards the one pooled
-    over the run's rows (empirical Bayes, as limma's moderated t: one row's two passes give a variance
-    with one degree of freedom; the rows together pin it down), and never below what the blocks within
-    the passes show. Student-t CI and test (scipy.stats) with the moderated degrees of freedom."""
-    e = np.array([float(np.mean(v)) for v in per_pass.values() if len(v)])
-    n = len(e)
-    own = float(np.var(e, ddof=1))
-    d0 = min(PRIOR_DF, pooled_df)
-    var = (d0 * pooled_var + (n - 1) * own) / (d0 + n - 1)
-    within = sum(float(np.var(v, ddof=1)) / len(v) for v in per_pass.values() if len(v) >= 2) / n**2
-    se = math.sqrt(max(var / n, within))
-    df = d0 + n - 1
+def pass_components(per_pass: dict[int, np.ndarray]) -> tuple[float, float, int] | None:
+    """A row's (variance of its pass estimates, their mean within-pass variance, degrees of freedom); None
+    below 2 passes. The first less the second estimates the process component: how much a fresh pair of
+    processes moves the row by itself."""
+    parts = [_pass_estimate(v) for v in per_pass.values() if len(v)]
+    if len(parts) < 2:
+        return None
+    return float(np.var([e for e, _ in parts], ddof=1)), float(np.mean([w for _, w in parts])), len(parts) - 1
+
+
+def pooled_process_variance(components: list[tuple[float, float, int]]) -> float:
+    """The process component over a run's rows: per row, its pass-to-pass variance less its within-pass
+    part; their median, scaled to a mean (a variance with k degrees of freedom has its median at
+    chi2(k).median() / k of its mean): robust to rows a burst hit in one pass. Never below 0."""
+    if not components:
+        return 0.0
+    excess = [b - w for b, w, _ in components]
+    k = int(np.median([df for _, _, df in components]))
+    return max(0.0, float(np.median(excess)) * k / float(stats.chi2.median(k)))
+
+
+def summarize_passes(per_pass: dict[int, np.ndarray], process_var: float, rounds: int, sd_log: float) -> PairedSummary:
+    """The change from passes, each a fresh pair of processes: the mean of the pass estimates
+    (_pass_estimate). A pass estimate varies by the process component (process_var, pooled over the run's
+    rows: one row's few passes cannot tell it) plus the row's own within-pass variance (its blocks); that
+    model is moderated with the row's own pass-to-pass variance (empirical Bayes, as limma's moderated t:
+    PRIOR_DF degrees of freedom for the model, one per pass beyond the first for the row's own), over the
+    number of passes. Student-t CI and test (scipy.stats)."""
+    parts = [_pass_estimate(v) for v in per_pass.values() if len(v)]
+    n = len(parts)
+    e = np.array([x for x, _ in parts])
+    model = process_var + float(np.mean([w for _, w in parts]))
+    var = (PRIOR_DF * model + (n - 1) * float(np.var(e, ddof=1))) / (PRIOR_DF + n - 1)
+    se = math.sqrt(var / n)
+    df = PRIOR_DF + n - 1
     est = float(np.mean(e))
     if se == 0:
         return PairedSummary(math.exp(est), math.exp(est), math.exp(est), 1.0 if est == 0 else 0.0, sd_log, rounds)
