@@ -1,6 +1,7 @@
 """How often `lossbench ab` cries wolf and how often it catches a slowdown, measured on this machine.
 
-    python -m lossbench.ab.calibrate [--repeats 3] [--slowdowns 1.0,1.05,1.10] [--load both] [--out FILE]
+    python -m lossbench.ab.calibrate [--repeats 3] [--slowdowns 1.0,1.05,1.10] [--load both] [--budget S]
+                                     [--passes N] [--shapes ...] [--dtypes ...] [--modes ...] [--out FILE]
 
 A throw-away git repository gets a plugin, `calibrated` (ce: torch's forward and an explicit softmax
 gradient, inside one autograd Function), at two commits: the base at factor 1, the head at factor F,
@@ -118,10 +119,10 @@ def background_load(on: bool):
         proc.join(5)
 
 
-def one_run(repo: Path, results: Path, shapes: str, dtypes: str, modes: str) -> dict:
+def one_run(repo: Path, results: Path, shapes: str, dtypes: str, modes: str, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "lossbench", "ab", "HEAD~1", "HEAD", "--plugin", "kernels.py", "--family", "ce",
            "--impl", "torch_functional,calibrated", "--shape", shapes, "--dtype", dtypes, "--mode", modes,
-           "--results", str(results), "--json", str(results / "verdicts.json")]
+           "--results", str(results), "--json", str(results / "verdicts.json"), *extra]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
     if proc.returncode not in (0, 1):
@@ -140,10 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", default=SHAPES)
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--modes", default="fwd,fwd_bwd")
+    p.add_argument("--budget", type=float, help="lossbench ab --budget (default: its own)")
+    p.add_argument("--passes", type=int, help="lossbench ab --passes (default: its own)")
     p.add_argument("--out", help="JSON file for the results")
     args = p.parse_args(argv)
     loads = {"off": [False], "on": [True], "both": [False, True]}[args.load]
-    report = {"machine": os.uname().nodename, "cores": os.cpu_count(), "configs": []}
+    extra = [*(["--budget", str(args.budget)] if args.budget else []), *(["--passes", str(args.passes)] if args.passes else [])]
+    report = {"machine": os.uname().nodename, "cores": os.cpu_count(), "ab_flags": extra, "shapes": args.shapes,
+              "dtypes": args.dtypes, "modes": args.modes, "configs": []}
     with tempfile.TemporaryDirectory(prefix="lossbench-calibrate-") as tmp:
         for factor in [float(f) for f in args.slowdowns.split(",")]:
             repo = make_repo(Path(tmp), factor)
@@ -153,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                     res = Path(tmp) / f"res-{factor:g}-{load}-{i}"
                     res.mkdir()
                     with background_load(load):
-                        runs.append(one_run(repo, res, args.shapes, args.dtypes, args.modes))
+                        runs.append(one_run(repo, res, args.shapes, args.dtypes, args.modes, extra))
                 report["configs"].append(summarize(factor, load, runs))
                 print(json.dumps({k: v for k, v in report["configs"][-1].items() if k != "changes"}), flush=True)
     if args.out:

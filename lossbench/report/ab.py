@@ -1,16 +1,16 @@
 """Verdicts of an ab run: per row and metric, regressed / improved / unchanged / inconclusive, with the
 exit codes of `lossbench compare` (0 none regressed, 1 some did, 2 bad input).
 
-time: per row, the paired log-ratios of its rounds (head over base, runners/pairing.py), per block of
-  rounds (both sides on fresh copies of the inputs) their median, per pass (a fresh pair of processes)
-  the blocks' median; the change is the passes' mean, with a Student-t 95% CI and test on its variance: the
-  process component pooled over the run's rows plus the row's within-pass part, moderated with the
-  row's own pass-to-pass variance (pairing.summarize_passes). With one pass: over its
-  blocks; below pairing.MIN_BLOCKS blocks: the rounds' median and a Wilcoxon signed-rank test.
-  Then false-discovery control over the run's time rows (Benjamini-Hochberg, scipy.stats.false_discovery_control). regressed / improved:
-  q < ALPHA and the change beyond the threshold; unchanged: the CI inside it; inconclusive: neither.
-  No between-run term and no neighbour drift as in compare: the two sides were sampled in the same
-  rounds, so the machine's state is in both.
+time: per row, the paired log-ratios of its rounds (head over base, runners/pairing.py); per block of
+  rounds (both sides on fresh copies of the inputs) their median; per pass (a fresh pair of processes)
+  the blocks' median; the change is the passes' mean, with a Student-t 95% CI and test on its variance:
+  the process component pooled over the run's rows plus the row's within-pass part, moderated with the
+  row's own pass-to-pass variance (pairing.summarize_passes). With one pass: over its blocks; below
+  pairing.MIN_BLOCKS blocks: the rounds' median and a Wilcoxon signed-rank test. Then false-discovery
+  control over the run's time rows (Benjamini-Hochberg, scipy.stats.false_discovery_control).
+  regressed / improved: q < ALPHA and the change beyond the threshold; unchanged: the CI inside it;
+  inconclusive: neither. No neighbour drift and no history as in compare: the two sides were sampled in
+  the same rounds, so the machine's state is in both.
 memory, accuracy, status: as in compare (the same functions).
 """
 from __future__ import annotations
