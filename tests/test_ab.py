@@ -295,7 +295,9 @@ def test_nightly_ab_measures_the_baselines_commit_against_head(tmp_path):
     subprocess.run([*git, "commit", "-qam", "slower kernel"], cwd=clone, check=True)
     second = subprocess.run(args + ["--ab"], cwd=clone, capture_output=True, text=True, env=env, timeout=600)
     assert second.returncode == 1, second.stdout + second.stderr
+    assert "Traceback" not in second.stderr and "baseline kept" in second.stdout
     night = json.loads((clone / "night.json").read_text())
+    assert night["exit_code"] == 1
     (cmp,) = night["comparisons"].values()
     t = {r["impl"]: r for r in cmp["rows"] if r["metric"] == "time"}
     assert t["calibrated"]["verdict"] == "regressed" and t["torch_functional"]["verdict"] != "regressed"

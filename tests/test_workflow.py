@@ -131,7 +131,7 @@ def test_zizmor_finds_nothing_medium_or_high():
     # a tag instead of a commit
     ("actions/checkout@11bd71901bbe5b1630ceea73d27597364c9af683 # v4.2.2", "actions/checkout@v4", "unpinned-uses"),
     # the token left in .git/config, where an uploaded artifact could carry it
-    ("        with:\n          persist-credentials: false\n", "", "artipacked"),
+    ("          persist-credentials: false\n", "", "artipacked"),
 ], ids=["template-injection", "unpinned-uses", "persisted-credentials"])
 def test_zizmor_catches_an_insecure_workflow(tmp_path, old, new, ident):
     serious = _serious(_zizmor(_broken_copy(tmp_path, old, new)))
@@ -279,7 +279,7 @@ def test_nightly_step_records_the_exit_code_and_goes_on(tmp_path, rc):
     proc = _run_step(_step(_load()["jobs"]["cpu"], "lossbench nightly")["run"], tmp_path, GITHUB_OUTPUT=str(output))
     assert proc.returncode == 0, proc.stderr
     assert output.read_text() == f"rc={rc}\n"
-    assert (tmp_path / "args.txt").read_text().split()[:3] == ["nightly", "--device", "cpu"]
+    assert (tmp_path / "args.txt").read_text().split()[:4] == ["nightly", "--ab", "--device", "cpu"]
 
 
 def _git_env(tmp_path: Path) -> dict[str, str]:

@@ -164,7 +164,8 @@ def _keep_head_as_run(outcome, spec: dict, head_rows: pd.DataFrame, results_dir:
     """HEAD's rows of the ab run, as tonight's run in the results folder (its history and baseline)."""
     rows = head_rows.drop(columns=["side"]).copy()
     rows["run_id"] = outcome.run_id
-    provs = {d: {c: g.iloc[0][c] for c in records.PROVENANCE} for d, g in rows.groupby("device")}
+    provs = {d: json.loads(g[records.PROVENANCE].iloc[[0]].to_json(orient="records"))[0]  # plain JSON types
+             for d, g in rows.groupby("device")}
     writer = store.RunWriter(results_dir, outcome.run_id, {"suite": spec.get("suite") or "default", "spec": spec,
                                                            "provenance": provs, "ab_run": str(outcome.path)})
     try:
