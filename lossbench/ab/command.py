@@ -22,5 +22,5 @@ def ab(spec: dict, base: str | None, head: str | None, results: str | Path, *, t
         return EXIT_INTERRUPTED
     cmp = ab_report.verdicts(outcome.path, threshold)
     ab_report.write(cmp, console, markdown_path, json_path)
-    console.print(f"{outcome.measured} units measured in {outcome.elapsed_s:.1f} s; rows: {outcome.path}")
+    console.print(f"{outcome.measured} unit passes measured in {outcome.elapsed_s:.1f} s; rows: {outcome.path}")
     return cmp.exit_code()

@@ -151,7 +151,7 @@ class Outcome:
     run_id: str
     path: Path
     state: str       # complete | interrupted
-    measured: int    # units measured by this invocation
+    measured: int    # unit passes measured by this invocation
     elapsed_s: float
 
 
@@ -358,12 +358,14 @@ def _measure_unit(k: str, units: dict, workers: dict[str, Worker], rng: np.rando
         try:
             offsets = {m: _next_ids(by_mode["base"][m]) for m in modes}
             paired = _blocks(modes, workers, rng, deadline, budget_s, min_blocks, offsets)
-        except WorkerFailed as exc:
+        except (WorkerFailed, RuntimeError) as exc:  # a worker died or hung, or a call raised on a later try
+            status = exc.status if isinstance(exc, WorkerFailed) else "error"
             for name in SIDES:
                 workers[name].kill()
+            why = f"during the paired samples (pass {pass_no + 1}): {str(exc).splitlines()[0]}"
             for m in modes:
                 for name in SIDES:
-                    by_mode[name][m].update(status=exc.status, error=f"during the paired samples (pass {pass_no + 1}): {exc}")
+                    by_mode[name][m].update(status=status, error=why)
             paired = {}
         for m, p in paired.items():
             _add_times(by_mode["base"][m], p.a_ms, p.a_evict_ms, p.a_round, p.a_block, pass_no, p.converged)

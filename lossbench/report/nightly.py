@@ -134,7 +134,7 @@ def nightly_ab(spec: dict, results_dir: str | Path, *, threshold: float, timeout
     run_id = _keep_head_as_run(outcome, spec, head_rows, results_dir)
     failed = head_rows[head_rows["status"].isin(run.FAILED)]
     code = EXIT_REGRESSION if cmp.regressed() else EXIT_FAILED_ROWS if len(failed) else EXIT_CLEAN
-    lines = [f"lossbench nightly --ab: {outcome.run_id} ({outcome.measured} units in {outcome.elapsed_s:.0f} s), "
+    lines = [f"lossbench nightly --ab: {outcome.run_id} ({outcome.measured} unit passes in {outcome.elapsed_s:.0f} s), "
              f"base {sha[:10]} (baseline run {entry['run_id']}) vs HEAD, exit {code}"]
     ab_report.write(cmp, console)
     lines += [f"{name}: " + line for line in ab_report.summary_lines(cmp)]

@@ -55,9 +55,13 @@ class Paired:
 
 
 def log_ratios(a_ms, a_round, b_ms, b_round) -> np.ndarray:
+    return np.array(list(_round_log_ratios(a_ms, a_round, b_ms, b_round).values()))
+
+
+def _round_log_ratios(a_ms, a_round, b_ms, b_round) -> dict[int, float]:
+    """Per round both sides have, in round order: log(sum of B's samples) - log(sum of A's)."""
     a, b = _per_round(a_ms, a_round), _per_round(b_ms, b_round)
-    common = sorted(a.keys() & b.keys())
-    return np.array([math.log(b[r]) - math.log(a[r]) for r in common if a[r] > 0 and b[r] > 0])
+    return {r: math.log(b[r]) - math.log(a[r]) for r in sorted(a.keys() & b.keys()) if a[r] > 0 and b[r] > 0}
 
 
 def _per_round(ms, rounds) -> dict[int, float]:
@@ -101,24 +105,22 @@ def abba(sample_a: Sampler, sample_b: Sampler, *, rng: np.random.Generator, min_
 
 def block_log_ratios(a_ms, a_round, a_block, b_ms, b_round, b_block) -> np.ndarray:
     """Per block of rounds, the median of its rounds' paired log-ratios."""
-    blocks = {}
-    for rnd, blk in zip(b_round, b_block):
-        blocks[int(rnd)] = int(blk)
-    d_by_round = dict(zip(sorted(set(map(int, a_round)) & set(map(int, b_round))),
-                          log_ratios(a_ms, a_round, b_ms, b_round)))
+    return np.array(list(_block_medians(a_ms, a_round, b_ms, b_round, b_block).values()))
+
+
+def _block_medians(a_ms, a_round, b_ms, b_round, b_block) -> dict[int, float]:
+    blocks = {int(rnd): int(blk) for rnd, blk in zip(b_round, b_block)}
     per_block: dict[int, list[float]] = {}
-    for rnd, d in d_by_round.items():
+    for rnd, d in _round_log_ratios(a_ms, a_round, b_ms, b_round).items():
         per_block.setdefault(blocks[rnd], []).append(d)
-    return np.array([float(np.median(v)) for _, v in sorted(per_block.items())])
+    return {blk: float(np.median(v)) for blk, v in sorted(per_block.items())}
 
 
 def blocks_by_pass(a_ms, a_round, a_block, a_pass, b_ms, b_round, b_block, b_pass) -> dict[int, np.ndarray]:
     """Per pass (a fresh pair of processes), the median log-ratio of each of its blocks."""
     pass_of_block = {int(blk): int(p) for blk, p in zip(b_block, b_pass)}
-    medians = block_log_ratios(a_ms, a_round, a_block, b_ms, b_round, b_block)
-    present = sorted({int(x) for x in b_block} & {int(x) for x in a_block})
     out: dict[int, list[float]] = {}
-    for blk, m in zip(present, medians):
+    for blk, m in _block_medians(a_ms, a_round, b_ms, b_round, b_block).items():
         out.setdefault(pass_of_block[blk], []).append(m)
     return {p: np.array(v) for p, v in sorted(out.items())}
 
