@@ -42,6 +42,12 @@ def _spec_from_args(args: argparse.Namespace) -> dict:
     return run.make_spec(**{flag: getattr(args, flag) for flag in _PLAN_FLAGS}, plugins=args.plugin)
 
 
+def _spec_with_relative_plugins(args: argparse.Namespace) -> dict:
+    """The plan spec for a command that measures two checkouts (ab, nightly --ab): a relative plugin path
+    stays relative, so that each side takes its own checkout's file."""
+    return _spec_from_args(argparse.Namespace(**{**vars(args), "plugin": []})) | {"plugins": args.plugin}
+
+
 def _check_same_plan(args: argparse.Namespace, spec: dict) -> None:
     """A resume may repeat the run's plan flags (a script re-running its command), never change them."""
     given = {f: getattr(args, f) for f in _PLAN_FLAGS if getattr(args, f) is not None}
@@ -165,17 +171,16 @@ def cmd_ab(args: argparse.Namespace) -> int:
     elif not (args.base and args.head):
         raise UsageError("ab needs BASE and HEAD (git refs or checkout directories), or --resume RUN_ID")
     else:
-        # A relative plugin path stays relative: each side resolves it in its own checkout.
-        spec = _spec_from_args(argparse.Namespace(**{**vars(args), "plugin": []})) | {"plugins": args.plugin}
+        spec = _spec_with_relative_plugins(args)
     if args.passes is not None and args.passes < 1:
         raise UsageError(f"--passes must be at least 1, not {args.passes}")
     if args.min_blocks < MIN_BLOCKS:
         raise UsageError(f"--min-blocks must be at least {MIN_BLOCKS}, not {args.min_blocks}")
     return ab_command.ab(spec, args.base, args.head, args.results, threshold=threshold,
                          base_python=args.base_python, head_python=args.head_python, resume=args.resume,
-                         timeout_s=args.timeout, budget_s=args.budget, min_blocks=args.min_blocks, passes=args.passes, seed=args.seed,
-                         markdown_path=args.markdown, json_path=args.json, console=_console(),
-                         err=_console(stderr=True))
+                         timeout_s=args.timeout, budget_s=args.budget, min_blocks=args.min_blocks,
+                         passes=args.passes, seed=args.seed, markdown_path=args.markdown, json_path=args.json,
+                         console=_console(), err=_console(stderr=True))
 
 
 def cmd_history(args: argparse.Namespace) -> int:
@@ -205,13 +210,10 @@ def _add_selection(p: argparse.ArgumentParser, suite_default: str | None = None)
 def cmd_nightly(args: argparse.Namespace) -> int:
     _check_timeout(args)
     threshold = compare.threshold_from_pct(args.threshold)
-    spec = _spec_from_args(args)
-    if args.ab:  # as in `ab`: a relative plugin path is each side's own file
-        spec = _spec_from_args(argparse.Namespace(**{**vars(args), "plugin": []})) | {"plugins": args.plugin}
-    flow = nightly.nightly_ab if args.ab else nightly.nightly
-    return flow(spec, args.results, threshold=threshold, timeout_s=args.timeout,
-                           markdown_path=args.markdown, json_path=args.json, console=_console(),
-                           err=_console(stderr=True))
+    spec, flow = (_spec_with_relative_plugins(args), nightly.nightly_ab) if args.ab else \
+        (_spec_from_args(args), nightly.nightly)
+    return flow(spec, args.results, threshold=threshold, timeout_s=args.timeout, markdown_path=args.markdown,
+                json_path=args.json, console=_console(), err=_console(stderr=True))
 
 
 def _add_comparison_flags(p: argparse.ArgumentParser, results_help: str) -> None:

@@ -221,6 +221,8 @@ def test_ab_of_a_commit_against_itself_is_clean(tmp_path):
     (["HEAD", "HEAD", "--plugin", "missing.py"], "plugin 'missing.py' does not exist in base 'HEAD'"),
     (["HEAD", "HEAD", "--resume", "x"], "--resume continues the run's own BASE and HEAD"),
     (["--resume", "nosuchrun"], "no run 'nosuchrun'"),
+    (["HEAD", "HEAD", "--family", "nope"], "unknown family 'nope'"),
+    (["HEAD", "HEAD", "--impl", "nope"], "unknown implementation 'nope'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, message):
     repo = _repo(tmp_path, 1.0)
@@ -228,6 +230,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, m
     assert main(["ab", *args, "--results", str(tmp_path / "res")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("lossbench: error: ") and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "res" / "ab").exists() or not list((tmp_path / "res" / "ab").glob("*.jsonl"))
 
 
 def test_a_dirty_checkout_is_refused(tmp_path, monkeypatch, capsys):

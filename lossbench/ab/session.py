@@ -222,6 +222,8 @@ def run(spec: dict | None, base: str | None, head: str | None, out: str | Path, 
     """Measures the two sides into <out>/ab/<run_id>.jsonl (or finishes run `resume`): `passes` times, each
     with a fresh pair of worker processes, every unit in each (units in a new random order every pass)."""
     err = err or Console(stderr=True)
+    if spec is not None:
+        _check_plan(spec)
     writer, sides, stored = open_run(spec, base, head, out, base_python=base_python, head_python=head_python,
                                      resume=resume, passes=passes or PASSES)
     run_id = writer.meta["run_id"]
@@ -281,6 +283,14 @@ def run(spec: dict | None, base: str | None, head: str | None, out: str | Path, 
             s.close()
         writer.close(state)
     return Outcome(run_id, writer.path, state, measured, time.perf_counter() - start)
+
+
+def _check_plan(spec: dict) -> None:
+    """Bad selection flags (an unknown family, a malformed shape, no such device) refused before any
+    checkout or run file is made. Implementation names are the sides' to check when plugins add some."""
+    from ..run import plan_of
+
+    plan_of({**spec, "plugins": [], "impl": None if spec["plugins"] else spec["impl"]})
 
 
 def _start_workers(workers: dict[str, Worker], sides: dict[str, Side]) -> dict[str, dict]:
