@@ -56,7 +56,7 @@ class _Side:
             self.runner = sweep.UnitRunner(self.provs.__getitem__, budget_s=0.0, paired=False)
         except TypeError:  # a lossbench from before paired rounds
             self.runner = sweep.UnitRunner(self.provs.__getitem__, budget_s=0.0)
-        self.calls = {}
+        self.calls, self.pristine = {}, None
 
     def describe(self) -> dict:
         import lossbench
@@ -66,27 +66,28 @@ class _Side:
 
     def prepare(self, unit_json: dict) -> dict:
         unit = self.units[_key_of_json(unit_json)]
-        self.calls = {}
+        self.calls, self.pristine = {}, None  # the previous unit's tensors freed first
         gc.collect()
         rows = []
         # The side's own sweep: accuracy, memory and status, with its own few unpaired samples (the
         # driver replaces the timing with the paired samples).
         self.runner.run(unit, rows.append)
-        self.unit = unit
-        self.mutates = {r["mode"]: bool(r.get("mutates_inputs")) for r in rows if r["status"] == "ok"}
-        self.refresh()
+        self.calls_for(unit_json, {r["mode"]: bool(r.get("mutates_inputs")) for r in rows if r["status"] == "ok"})
         return {"rows": rows}
 
     def calls_for(self, unit_json: dict, mutates: dict) -> dict:
-        """A later pass: the unit's calls only (the rows are the first pass's)."""
+        """The unit's calls, per mode that ran (a later pass: the rows are the first pass's)."""
+        from lossbench.cases import make_inputs
+
         self.unit = self.units[_key_of_json(unit_json)]
         self.mutates = mutates
+        self.calls, self.pristine = {}, None
+        self.pristine = make_inputs(self.unit.case) if mutates else None
         return self.refresh()
 
     def refresh(self) -> dict:
         """The unit's calls made anew: fresh copies of the inputs, at new addresses (a block of rounds
         starts with this on both sides, so that where the buffers landed is not one side's luck)."""
-        from lossbench.cases import make_inputs
         from lossbench.registry import get
         from lossbench.runners.calls import ModeCall
 
@@ -94,9 +95,8 @@ class _Side:
         gc.collect()
         if self.mutates:
             impl = get(self.unit.case.family, self.unit.impl)
-            pristine = make_inputs(self.unit.case)
             for mode, mutates in self.mutates.items():
-                call = ModeCall(impl.fn, pristine, mode, fresh_inputs=mutates)
+                call = ModeCall(impl.fn, self.pristine, mode, fresh_inputs=mutates)  # clones: new addresses
                 for _ in range(2):  # warm-up: the runner already compiled; caches and allocator settle
                     call.setup()
                     call()
@@ -118,12 +118,13 @@ class _Side:
         gc.disable()  # a collection would land inside the sample
         try:
             if dev.type == "cuda":
-                start, end = self.torch.cuda.Event(enable_timing=True), self.torch.cuda.Event(enable_timing=True)
-                start.record()
-                call()
-                end.record()
-                synchronize(dev)
-                ms = start.elapsed_time(end)
+                with self.torch.cuda.device(dev):  # events on that device's current stream
+                    start, end = self.torch.cuda.Event(enable_timing=True), self.torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    call()
+                    end.record()
+                    synchronize(dev)
+                    ms = start.elapsed_time(end)
             else:
                 t0 = time.perf_counter()
                 call()
