@@ -170,13 +170,8 @@ THRESHOLDS = (0.02, 0.03, 0.05)
 
 
 def verdict_at(row: dict, threshold: float) -> str:
-    """The row's time verdict at another threshold (q does not depend on it; report/ab.py's rule)."""
-    bound = 1 + threshold
-    if row["q"] < ab_report.ALPHA and row["change"] > bound:
-        return "regressed"
-    if row["q"] < ab_report.ALPHA and row["change"] < 1 / bound:
-        return "improved"
-    return "unchanged" if 1 / bound <= row["ci_low"] and row["ci_high"] <= bound else "inconclusive"
+    """The row's time verdict at another threshold (q does not depend on it)."""
+    return ab_report.time_verdict(row["q"], row["change"], row["ci_low"], row["ci_high"], threshold)
 
 
 def summarize(factor: float, load: bool, runs: list[dict]) -> dict:

@@ -159,12 +159,19 @@ def _unit_id(u: dict) -> str:
     return json.dumps([u["case"], u["impl"], u["modes"]], sort_keys=True)
 
 
+def _case_of(u: dict):
+    """The Case of a unit as a worker sent it (JSON: its option pairs as lists)."""
+    from ..cases import Case
+
+    c = dict(u["case"])
+    c["options_items"] = tuple(tuple(x) for x in c["options_items"])
+    return Case(**c)
+
+
 def _row_keys(u: dict) -> list[tuple]:
     """The records.KEY of each of the unit's rows, as stored."""
-    c = u["case"]
-    options = json.dumps(dict(c["options_items"]), sort_keys=True, separators=(",", ":"))
-    return [(c["device"], c["family"], u["impl"], m, c["n"], c["c"], c["h"], c["dtype"], options, c["input_dist"])
-            for m in u["modes"]]
+    case = _case_of(u)
+    return [records.key(case, u["impl"], m) for m in u["modes"]]
 
 
 def open_run(spec: dict, base: str, head: str, out: str | Path, *, base_python: str | None,
@@ -452,11 +459,7 @@ def _add_times(row: dict, ms: list[float], evict: list[float], rounds: list[int]
 
 
 def _failed_rows(u: dict, w: Worker, status: str, why: str) -> list[dict]:
-    from ..cases import Case
-
-    c = dict(u["case"])
-    c["options_items"] = tuple(tuple(x) for x in c["options_items"])
-    case = Case(**c)
+    case = _case_of(u)
     prov = (w.info.get("provenance") or {}).get(case.device) or {"device": case.device}
     return [records.row(prov, case, u["impl"], m, status=status, error=why) for m in u["modes"]]
 

@@ -135,6 +135,8 @@ class _Side:
         return {"ms": ms, "evict_ms": evict_ms}
 
 
+# The driver keys units the same way (session._unit_id); this file cannot import the driver's package,
+# which need not be the lossbench the side runs.
 def _unit_key(unit) -> str:
     import dataclasses
 

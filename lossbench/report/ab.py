@@ -92,18 +92,9 @@ def _time_verdicts(both: pd.DataFrame, threshold: float) -> tuple[pd.DataFrame, 
     if not recs:
         return pd.DataFrame(), {}
     q = stats.false_discovery_control([s.p for _, s, _, _ in recs], method="bh")
-    bound = math.log1p(threshold)
     out = []
     for (r, s, med, (n_pass, blocks)), qi in zip(recs, q):
-        lo, hi = math.log(s.ci_low), math.log(s.ci_high)
-        if qi < ALPHA and med > bound:
-            v = "regressed"
-        elif qi < ALPHA and med < -bound:
-            v = "improved"
-        elif -bound <= lo and hi <= bound:
-            v = "unchanged"
-        else:
-            v = "inconclusive"
+        v = time_verdict(float(qi), s.ratio, s.ci_low, s.ci_high, threshold)
         note = (f"{s.rounds} paired rounds in {blocks} blocks over {n_pass} passes, sd of a round's log-ratio "
                 f"{100 * s.sd_log:.2g}%")
         if v == "inconclusive":
@@ -118,6 +109,17 @@ def _time_verdicts(both: pd.DataFrame, threshold: float) -> tuple[pd.DataFrame, 
                          "median_change_pct": 100 * (math.exp(float(np.median(g["med"]))) - 1),
                          "process_sd_pct": 100 * math.sqrt(pooled[device]) if device in pooled else None}
     return pd.DataFrame(out), noise
+
+
+def time_verdict(q: float, change: float, ci_low: float, ci_high: float, threshold: float) -> str:
+    """compare's rule on one row's change (head over base) and its CI: regressed / improved when significant
+    (q < ALPHA) and beyond the threshold, unchanged when the CI lies inside it, else inconclusive."""
+    bound = 1 + threshold
+    if q < ALPHA and change > bound:
+        return "regressed"
+    if q < ALPHA and change < 1 / bound:
+        return "improved"
+    return "unchanged" if 1 / bound <= ci_low and ci_high <= bound else "inconclusive"
 
 
 def _ids(r: pd.Series, col: str, suffix: str) -> list[int]:
