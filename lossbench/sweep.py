@@ -265,8 +265,7 @@ class UnitRunner:
                 a, b = calls
                 paired.extend(pairing.abba(lambda: one_sample(a, a.setup, case.device),
                                            lambda: one_sample(b, b.setup, case.device), rng=rng,
-                                           min_rounds=PAIRED_BLOCK_ROUNDS, max_rounds=PAIRED_BLOCK_ROUNDS,
-                                           budget_s=math.inf, warmup_rounds=0,
+                                           rounds=PAIRED_BLOCK_ROUNDS, warmup_rounds=0,
                                            first_round=blk * PAIRED_BLOCK_ROUNDS, block=blk))
                 if blk + 1 >= pairing.MIN_BLOCKS and time.perf_counter() - start >= self.budget_s:
                     break

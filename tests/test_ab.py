@@ -44,7 +44,7 @@ class _Machine:
 
 def test_abba_rounds_cancel_the_machines_drift():
     m = _Machine(factor=1.10)
-    p = pairing.abba(m.a, m.b, rng=np.random.default_rng(1), min_rounds=40, max_rounds=40, budget_s=1e9)
+    p = pairing.abba(m.a, m.b, rng=np.random.default_rng(1), rounds=40)
     s = pairing.summarize(p.log_ratios())
     assert len(p.a_ms) == len(p.b_ms) == 80 and set(p.orders) == {"ABBA", "BAAB"}
     assert p.a_round[:2] == p.b_round[:2] == [0, 0]
@@ -69,7 +69,7 @@ def test_log_ratios_pair_samples_by_round():
 
 def test_equal_sides_are_not_significant():
     m = _Machine(factor=1.0, seed=3)
-    p = pairing.abba(m.a, m.b, rng=np.random.default_rng(2), min_rounds=40, max_rounds=40, budget_s=1e9)
+    p = pairing.abba(m.a, m.b, rng=np.random.default_rng(2), rounds=40)
     s = pairing.summarize(p.log_ratios())
     assert s.p > 0.01 and s.ratio == pytest.approx(1.0, abs=0.01)
 

@@ -416,8 +416,7 @@ def _blocks(modes: list[str], workers: dict[str, Worker], rng: np.random.Generat
         for m in modes:
             r0, b0 = offsets[m]
             p = pairing.abba(_sampler(workers["base"], m, deadline), _sampler(workers["head"], m, deadline), rng=rng,
-                             min_rounds=ROUNDS_PER_BLOCK, max_rounds=ROUNDS_PER_BLOCK, budget_s=math.inf,
-                             first_round=r0 + blk * ROUNDS_PER_BLOCK, block=b0 + blk)
+                             rounds=ROUNDS_PER_BLOCK, first_round=r0 + blk * ROUNDS_PER_BLOCK, block=b0 + blk)
             paired[m].extend(p)
         if blk + 1 < min_blocks:
             continue

@@ -13,7 +13,6 @@ against torch_functional on the same case, in one process).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -37,7 +36,7 @@ class Paired:
     a_block: list[int] = field(default_factory=list)  # the block of rounds (fresh inputs on both sides) of each sample
     b_block: list[int] = field(default_factory=list)
     orders: list[str] = field(default_factory=list)  # per round: "ABBA" or "BAAB"
-    converged: bool = False
+    converged: bool = False  # the caller's stopping rule was met (not the budget)
 
     def log_ratios(self) -> np.ndarray:
         """Per round, log(sum of B's samples) - log(sum of A's)."""
@@ -71,35 +70,24 @@ def _per_round(ms, rounds) -> dict[int, float]:
     return out
 
 
-def abba(sample_a: Sampler, sample_b: Sampler, *, rng: np.random.Generator, min_rounds: int = 10,
-         max_rounds: int = 200, budget_s: float = 1.0, rel_ci: float = 0.01, warmup_rounds: int = 1,
+def abba(sample_a: Sampler, sample_b: Sampler, *, rng: np.random.Generator, rounds: int, warmup_rounds: int = 1,
          first_round: int = 0, block: int = 0) -> Paired:
-    """Rounds of ABBA / BAAB until the 95% CI of the median paired log-ratio is within +-rel_ci, or the
-    budget (seconds, both sides together) ends; at least min_rounds, at most max_rounds.
-    First warmup_rounds untimed-as-far-as-results-go rounds: the first samples after a side has been idle
-    (its process's pages, allocator, threads) came out up to 3x slow."""
-    if not 1 <= min_rounds <= max_rounds:
-        raise ValueError(f"need 1 <= min_rounds <= max_rounds, got {min_rounds}, {max_rounds}")
+    """`rounds` rounds of ABBA or BAAB (drawn at random per round), numbered from first_round, all in
+    `block`. First warmup_rounds rounds whose samples are dropped: the first samples after a side has been
+    idle (its process's pages, allocator, threads) came out up to 3x slow. How many rounds and blocks a
+    row gets is the caller's (the budget, the blocks' CI)."""
+    if rounds < 1:
+        raise ValueError(f"need at least one round, got {rounds}")
     for _ in range(warmup_rounds):
         for side in "ABBA":
             (sample_a if side == "A" else sample_b)()
     out = Paired()
-    start = time.perf_counter()
-    for i in range(max_rounds):
-        rnd = first_round + i
+    for i in range(rounds):
         order = "ABBA" if rng.random() < 0.5 else "BAAB"
         out.orders.append(order)
         for side in order:
             ms, evict = (sample_a if side == "A" else sample_b)()
-            out.take(side, ms, evict, rnd, block)
-        n = i + 1
-        if n < min_rounds:
-            continue
-        d = out.log_ratios()
-        low, high = median_ci(d)
-        out.converged = (high - low) / 2 <= rel_ci
-        if out.converged or time.perf_counter() - start >= budget_s:
-            break
+            out.take(side, ms, evict, first_round + i, block)
     return out
 
 
