@@ -17,6 +17,7 @@ from . import quiet_exit, registry, run, store, suites
 from .errors import UsageError
 from .ab import command as ab_command
 from .runners.pairing import MIN_BLOCKS
+from .report import ab as ab_report
 from .report import compare, history, nightly, run_report
 from .report.kernels import kernel_table
 from .report.table import family_tables
@@ -153,7 +154,7 @@ def cmd_kernels(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    threshold = compare.threshold_from_pct(args.threshold)
+    threshold = compare.threshold_from_pct(args.threshold, compare.DEFAULT_THRESHOLD_PCT)
     base, head = compare.load_run(args.base, args.results), compare.load_run(args.head, args.results)
     cmp = compare.compare(base, head, threshold, force=args.force,
                           history=compare.history_for(base, head, args.results))
@@ -163,7 +164,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_ab(args: argparse.Namespace) -> int:
     _check_timeout(args)
-    threshold = compare.threshold_from_pct(args.threshold)
+    threshold = compare.threshold_from_pct(args.threshold, ab_report.DEFAULT_THRESHOLD_PCT)
     if args.resume:
         if args.base or args.head:
             raise UsageError("--resume continues the run's own BASE and HEAD: give neither")
@@ -209,18 +210,19 @@ def _add_selection(p: argparse.ArgumentParser, suite_default: str | None = None)
 
 def cmd_nightly(args: argparse.Namespace) -> int:
     _check_timeout(args)
-    threshold = compare.threshold_from_pct(args.threshold)
+    threshold = compare.threshold_from_pct(
+        args.threshold, ab_report.DEFAULT_THRESHOLD_PCT if args.ab else compare.DEFAULT_THRESHOLD_PCT)
     spec, flow = (_spec_with_relative_plugins(args), nightly.nightly_ab) if args.ab else \
         (_spec_from_args(args), nightly.nightly)
     return flow(spec, args.results, threshold=threshold, timeout_s=args.timeout, markdown_path=args.markdown,
                 json_path=args.json, console=_console(), err=_console(stderr=True))
 
 
-def _add_comparison_flags(p: argparse.ArgumentParser, results_help: str) -> None:
-    """The flags `compare` and `nightly` share."""
+def _add_comparison_flags(p: argparse.ArgumentParser, results_help: str, threshold_help: str) -> None:
+    """The flags `compare`, `ab` and `nightly` share."""
     p.add_argument("--results", default="results", help=results_help)
-    p.add_argument("--threshold", type=float, default=5.0, metavar="PCT",
-                   help="smallest change that counts, in percent (default 5)")
+    p.add_argument("--threshold", type=float, default=None, metavar="PCT",
+                   help=f"smallest change that counts, in percent ({threshold_help})")
     p.add_argument("--markdown", metavar="FILE",
                    help="also write the comparison as Markdown (a pull-request comment, a job summary)")
     p.add_argument("--json", metavar="FILE", help="also write the comparison as JSON")
@@ -261,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "2 bad input or incompatible runs")
     cmp.add_argument("base", metavar="BASE", help="run id under --results, or a run file")
     cmp.add_argument("head", metavar="HEAD", help="run id under --results, or a run file")
-    _add_comparison_flags(cmp, results_help="results folder (default: results/)")
+    _add_comparison_flags(cmp, results_help="results folder (default: results/)", threshold_help="default 5")
     cmp.add_argument("--force", action="store_true",
                      help="compare runs whose device, library versions or threads differ")
     cmp.set_defaults(func=cmd_compare)
@@ -269,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     nig = sub.add_parser("nightly", help="run the nightly suite, compare with the pinned baseline, move it after a "
                                          "clean night: exit 0 clean, 1 regression, 3 failed rows, 4 no baseline yet")
     _add_selection(nig, suite_default="nightly")
-    _add_comparison_flags(nig, results_help="results folder holding the runs and baseline.json (default: results/)")
+    _add_comparison_flags(nig, results_help="results folder holding the runs and baseline.json (default: results/)",
+                          threshold_help="default 5; with --ab 3")
     nig.add_argument("--ab", action="store_true",
                      help="measure the baseline's commit and HEAD side by side tonight (lossbench ab) and judge "
                           "on the paired samples; needs the baseline's commit in this repository")
@@ -281,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="git ref of the repository here (checked out into a temporary worktree) or a checkout directory")
     abp.add_argument("head", metavar="HEAD", nargs="?", help="as BASE")
     _add_selection(abp)
-    _add_comparison_flags(abp, results_help="results folder: the run goes to <results>/ab/ (default: results/)")
+    _add_comparison_flags(abp, results_help="results folder: the run goes to <results>/ab/ (default: results/)",
+                          threshold_help="default 3: the paired samples resolve smaller changes than compare")
     abp.add_argument("--base-python", help="the python BASE runs with (default: this one)")
     abp.add_argument("--head-python", help="the python HEAD runs with (default: this one)")
     abp.add_argument("--resume", metavar="RUN_ID", help="finish ab run RUN_ID in <results>/ab/")

@@ -188,6 +188,7 @@ def test_ab_catches_a_slower_commit_of_a_plugin(tmp_path):
                results=res)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     v = json.loads((tmp_path / "v.json").read_text())
+    assert v["threshold_pct"] == 3.0  # ab's own default, below compare's 5
     t = {r["impl"]: r for r in v["rows"] if r["metric"] == "time"}
     assert t["calibrated"]["verdict"] == "regressed" and 1.5 < t["calibrated"]["change"] < 2.5
     assert t["torch_functional"]["verdict"] != "regressed"

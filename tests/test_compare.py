@@ -195,6 +195,7 @@ def test_cli_exit_codes_and_outputs(tmp_path, capsys):
     assert "regressed" in out and "fused" in out
     assert "| regressed" in md.read_text()
     data = json.loads(js.read_text())
+    assert data["threshold_pct"] == 5.0  # compare's default (ab's is 3)
     assert data["regressed"] and {r["impl"] for r in data["rows"] if r["verdict"] == "regressed"} == {"fused"}
     assert main(["compare", str(tmp_path / "base.jsonl"), str(tmp_path / "slow.jsonl")]) == 1  # run files
     capsys.readouterr()

@@ -41,13 +41,18 @@ REL_CI = 0.01  # a row's blocks go on until its change is known within +-1% (95%
 # - OMP_WAIT_POLICY=PASSIVE: the side not sampling must leave the cores alone. OpenMP's threads spin after
 #   a parallel region (GNU OpenMP: up to ~0.3 s by default) and stole the cores from the other side's next
 #   sample: torch_functional ce 2048x1000 float32 read 3 ms or 7 ms at random (paired sd 60-85%).
-# - fixed glibc malloc thresholds (32 MiB mmap, 64 MiB trim: the caps glibc's dynamic thresholds rise to
-#   in a long-running process): with the dynamic ones, whether a 16 MiB buffer is mmapped (and its pages
-#   faulted in on every call) depends on what the process freed before. In an A/A run one side read 19 ms
-#   and the other 7.9 ms on the same code for a whole unit (1024x4096 float32 fwd_bwd). Explicit
-#   malloc_trim in the memory probe (runners/memory.py) still works as before.
+# - glibc malloc made to keep what it got: with its dynamic mmap threshold, whether a 16 MiB buffer is
+#   mmapped (and its pages faulted in on every call) depends on what the process freed before: in an A/A
+#   run one side read 19 ms and the other 7.9 ms on the same code for a whole unit (1024x4096 float32
+#   fwd_bwd). A fixed 32 MiB mmap threshold (glibc's maximum) ends that; a trim threshold no call
+#   reaches, and the heap grown 256 MiB at a time, end the rest: with a 64 MiB trim threshold the heap
+#   was given back and faulted in again at random, and 5-10% of that row's samples read 3-10x its
+#   median (5.5 ms, spikes of 20-70 ms); with these, 0-2 in 200 read over 1.5x and the samples' spread
+#   fell from 8-14% to 2-3% (MAD). Explicit malloc_trim in the memory probe (runners/memory.py) still
+#   gives the pages back before it measures.
 WORKER_ENV = {k: v for k, v in {"OMP_WAIT_POLICY": "PASSIVE", "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
-                                "MALLOC_TRIM_THRESHOLD_": str(64 * 2**20)}.items() if k not in os.environ}
+                                "MALLOC_TRIM_THRESHOLD_": str(4 * 2**30),
+                                "MALLOC_TOP_PAD_": str(256 * 2**20)}.items() if k not in os.environ}
 
 
 class WorkerFailed(Exception):

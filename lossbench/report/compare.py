@@ -55,6 +55,7 @@ from ..records import COMPARABLE, KEY
 from ..run import FAILED
 
 VERDICTS = ("regressed", "missing", "inconclusive", "improved", "added", "unchanged")  # by severity
+DEFAULT_THRESHOLD_PCT = 5.0  # the smallest change compare and nightly count, in percent (--threshold)
 ALPHA = 0.05                  # false-discovery rate over a comparison's time rows
 ACCURACY_GROWTH = 2.0         # a worst-row error more than 2x its base is a regression
 # The smallest memory change that counts. CUDA: the caching allocator's block. CPU: glibc grows and
@@ -665,7 +666,10 @@ def write(cmp: Comparison, console: Console, markdown_path: str | None = None, j
         Path(json_path).write_text(json.dumps(to_json(cmp), indent=1))
 
 
-def threshold_from_pct(pct: float) -> float:
+def threshold_from_pct(pct: float | None, default_pct: float = None) -> float:
+    """--threshold as a fraction; the command's default when not given."""
+    if pct is None:
+        pct = DEFAULT_THRESHOLD_PCT if default_pct is None else default_pct
     if not (0 < pct < 100 and math.isfinite(pct)):
         raise UsageError(f"--threshold must be a percentage between 0 and 100, not {pct:g}")
     return pct / 100
