@@ -44,3 +44,15 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     from lossbench.integrations.pytest_bench import machine_info as lossbench_machine_info
 
     machine_info["lossbench"] = lossbench_machine_info()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The fast tier fails when it no longer touches some module of lossbench (tests/tiers.py)."""
+    import tiers
+
+    if exitstatus == 0 and tiers.is_whole_fast_tier(session.config):
+        missing = tiers.untouched(tiers.loaded_modules())
+        if missing:
+            session.config.get_terminal_writer().line(
+                f"the fast tier (-m 'not slow') touches no test of: {', '.join(missing)}", red=True)
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED

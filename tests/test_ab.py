@@ -181,6 +181,33 @@ def _ab(repo, *args, results):
     return subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600)
 
 
+def test_worker_prepares_samples_and_refreshes_in_process():
+    """One side's worker, driven in this process (the fast tier's cover of worker.py; the end-to-end tests
+    run it as a child): its own rows, timed samples, fresh input copies per block, torch's objects frozen
+    so that the collection before every block is cheap."""
+    import gc
+
+    from lossbench.ab import worker
+
+    spec = {"budget": None, "devices": ["cpu"], "dtype": "float32", "family": "ce", "impl": "torch_functional",
+            "input_dist": None, "mode": "fwd,fwd_bwd", "plugins": [], "shape": "64x50", "suite": None, "threads": 1}
+    side = worker._Side({"spec": spec, "run_id": "t", "side": "base", "git_sha": "0" * 40})
+    (unit,) = side.describe()["units"]
+    rows = side.prepare(unit)["rows"]
+    assert {r["mode"]: r["status"] for r in rows} == {"fwd": "ok", "fwd_bwd": "ok"}
+    assert all(r["git_sha"] == "0" * 40 for r in rows)
+    assert gc.get_freeze_count() > 0
+    before = {m: c.inputs.args[0].data_ptr() for m, (c, _) in side.calls.items()}
+    for mode in ("fwd", "fwd_bwd"):
+        s = side.sample(mode)
+        assert s["ms"] > 0 and s["evict_ms"] >= 0
+    side.refresh()
+    after = {m: c.inputs.args[0].data_ptr() for m, (c, _) in side.calls.items()}
+    assert set(after) == {"fwd", "fwd_bwd"} and all(after[m] != before[m] for m in after)
+    gc.unfreeze()
+
+
+@pytest.mark.slow
 def test_ab_catches_a_slower_commit_of_a_plugin(tmp_path):
     repo = _repo(tmp_path, 2.0)
     res = tmp_path / "res"
@@ -209,6 +236,7 @@ def test_ab_catches_a_slower_commit_of_a_plugin(tmp_path):
     assert len(listed.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_ab_of_a_commit_against_itself_is_clean(tmp_path):
     repo = _repo(tmp_path, 1.5)
     proc = _ab(repo, "HEAD", "HEAD", "--mode", "fwd", "--threshold", "20", results=tmp_path / "res")
@@ -244,6 +272,7 @@ def test_a_dirty_checkout_is_refused(tmp_path, monkeypatch, capsys):
     assert "has uncommitted changes" in err and "kernels.py" in err
 
 
+@pytest.mark.slow
 def test_a_killed_ab_run_resumes_to_every_unit_once(tmp_path):
     repo = _repo(tmp_path, 1.2)
     res = tmp_path / "res"
@@ -274,6 +303,7 @@ def test_a_killed_ab_run_resumes_to_every_unit_once(tmp_path):
 
 
 # --- nightly --ab ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_nightly_ab_measures_the_baselines_commit_against_head(tmp_path):
     """In a clone of this repository (lossbench itself at both sides), with a plugin committed in it: night 1
     is a plain run (no baseline: exit 4); a commit makes the plugin 2x slower; night 2 with --ab measures

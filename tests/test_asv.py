@@ -67,6 +67,7 @@ def asv_results(tmp_path_factory):
     return tmp, files
 
 
+@pytest.mark.slow
 def test_asv_run_saves_results_in_lossbenchs_schema(asv_results):
     tmp, files = asv_results
     df = load_results(tmp / "results")

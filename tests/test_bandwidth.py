@@ -1,5 +1,7 @@
 """Analytic byte counts and the measured copy bandwidth."""
 
+import pytest
+
 from lossbench import bandwidth
 from lossbench.cases import Case, make_inputs
 
@@ -40,6 +42,7 @@ def test_rates_only_for_working_sets_well_beyond_the_cache(monkeypatch):
     assert bandwidth.exceeds_cache(128 << 20, "cpu")
 
 
+@pytest.mark.slow
 def test_a_working_set_beyond_the_cache_gets_a_physical_rate():
     """ce fwd_bwd at 4096x8192 float32 moves 256 MiB (> 4x a 32 MiB cache): its rate is reported, and
     it cannot beat the copy that moves the same kind of bytes."""

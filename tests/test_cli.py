@@ -90,6 +90,7 @@ def test_plugin_rows_unsupported_and_error(tmp_path):
     assert math.isclose(df.loc["plugin_ok", "err_ratio_vs_torch"], 1.0)
 
 
+@pytest.mark.slow
 def test_torch_compile_reports_compile_time_apart(tmp_path):
     rc = _run(tmp_path, "--family", "kl", "--impl", "torch_compile,torch_functional", "--mode", "fwd,fwd_bwd")
     assert rc == 0

@@ -97,6 +97,7 @@ def single(suite, tmp_path_factory):
     return {"keys": set(_keys(rows)), "rows": rows, "wall_s": wall}
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_write_one_run_with_every_unit_once(tmp_path, suite, single):
     out = tmp_path / "two"
     result, wall = _lossbench("run", "--suite", suite, "--device", "cpu", "--plugin", PLUGIN, "--out", str(out),
@@ -131,6 +132,7 @@ def test_two_gloo_ranks_write_one_run_with_every_unit_once(tmp_path, suite, sing
     assert result.stdout.count(f"{UNITS} rows (") == 1, result.stdout[-3000:]
 
 
+@pytest.mark.slow
 def test_a_killed_rank_loses_only_its_unfinished_units(tmp_path, suite, single):
     out, pidfile = tmp_path / "killed", tmp_path / "rank1.pid"
     env = _env(LOSSBENCH_TEST_PIDFILE=str(pidfile), LOSSBENCH_TEST_SLEEP_S="1")

@@ -55,6 +55,7 @@ def plugin(tmp_path):
     return str(path)
 
 
+@pytest.mark.slow
 def test_each_fault_gets_its_status_and_the_sweep_goes_on(tmp_path, plugin):
     out = tmp_path / "res"
     impls = "torch_functional,fault_raise,fault_memory,fault_hang,fault_abort,fault_nan"
@@ -85,6 +86,7 @@ def _rows_in(out):
     return sum(1 for _ in open(files[0])) if files else 0
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_measures_every_case_exactly_once(tmp_path, plugin):
     out = tmp_path / "res"
     args = ["run", "--out", str(out), *TINY, "--plugin", plugin, "--impl", "torch_functional,slow_ce,torch_composed"]
@@ -115,6 +117,7 @@ def test_sigkill_then_resume_measures_every_case_exactly_once(tmp_path, plugin):
     assert len(load_results(out)) == 2 * 3 * 3
 
 
+@pytest.mark.slow
 def test_two_runs_into_one_folder(tmp_path):
     out = tmp_path / "res"
     cmd = [sys.executable, "-m", "lossbench", "run", "--out", str(out), *TINY, "--impl", "torch_functional"]
@@ -199,6 +202,7 @@ def test_provenance_difference_names_the_first_changed_field():
     assert provenance_difference({**now, "host": "elsewhere", "timestamp": "then"}, now) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("field,value", [("git_sha", "0123456789abcdef0123456789abcdef01234567")])
 def test_resume_refuses_a_changed_world_and_force_overrides(tmp_path, capsys, field, value):
     out, run_id = _finished_then_cut(tmp_path)
@@ -219,6 +223,7 @@ def test_resume_refuses_a_changed_world_and_force_overrides(tmp_path, capsys, fi
     assert meta["state"] == "complete" and meta["resumes"][-1]["forced"] is True
 
 
+@pytest.mark.slow
 def test_resume_accepts_the_same_plan_flags_and_refuses_different_ones(tmp_path, capsys):
     out, run_id = _finished_then_cut(tmp_path)
     capsys.readouterr()
@@ -232,6 +237,7 @@ def test_resume_accepts_the_same_plan_flags_and_refuses_different_ones(tmp_path,
     assert len(load_results(out)) == 2 * 3
 
 
+@pytest.mark.slow
 def test_a_case_too_large_to_build_gives_oom_rows_and_the_sweep_goes_on(tmp_path):
     out = tmp_path / "res"
     t0 = time.monotonic()

@@ -242,6 +242,7 @@ def _refuses(logits, target, **kw):
     raise NotImplementedError("no kernel for this device (simulated)")
 
 
+@pytest.mark.slow
 def test_sweep_checks_on_the_interpreter(monkeypatch):
     """check_unit passes on correct kernels and fails on wrong ones. On the CPU, with the kernels
     under the Triton interpreter: small cases, and a few of the GPU grid's variants."""

@@ -21,6 +21,7 @@ def _pointer(results):
     return entry["run_id"]
 
 
+@pytest.mark.slow
 def test_three_real_nights(tmp_path, monkeypatch, capsys):
     """No baseline (4), clean (0, the baseline moves), a wrong gradient (1, the baseline stays). The
     exit-1 night is an accuracy regression: deterministic, where a timing one depends on how loaded

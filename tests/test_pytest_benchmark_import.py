@@ -83,6 +83,7 @@ def test_extra_info_samples_match_pytest_benchmarks(session):
     assert list(full["time_median_ms"]) == pytest.approx(list(fallback["time_median_ms"]), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_untimed_session_writes_no_json(tmp_path):
     """--benchmark-disable (make test) records no benchmarks, and pytest-benchmark then writes no file:
     there is no such JSON to import. (test_no_samples covers one, should a later version write it.)"""

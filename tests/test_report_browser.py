@@ -81,6 +81,7 @@ def report(tmp_path_factory) -> Path:
     return out / "report.html"
 
 
+@pytest.mark.slow
 def test_report_renders_every_plot(browser, report, tmp_path):
     pngs = len(list(report.parent.glob("report-*.png")))
     assert pngs >= 4

@@ -41,6 +41,7 @@ def table():
     return rows
 
 
+@pytest.mark.slow
 def test_every_variant_compiles_and_fits(table):
     expected = [(v.kernel, v.name, arch) for v in aot.variants() for arch in ARCHS]
     assert sorted((r.kernel, r.variant, r.arch) for r in table) == sorted(expected)
