@@ -5,7 +5,7 @@ PYTHON ?= python3
 PIP_CONSTRAINTS ?= -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: bench test gpu-check kernels asv clean
+.PHONY: bench test test-all gpu-check kernels asv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,15 @@ bench: $(STAMP)
 # `pytest --benchmark-only`, which refuses --benchmark-disable: hence here and not in pyproject's addopts),
 # on small cases in float32: every implementation is still called, memory and accuracy still filled, at a
 # quarter of the default grid's compilations and sizes.
+TEST_ENV := LOSSBENCH_SHAPES=256x100,64x32x512 LOSSBENCH_DTYPES=float32
+# The fast tier: every test not marked slow (real sweeps in child processes, git worktrees, asv, every
+# Triton variant compiled); it still touches every module of lossbench (tests/tiers.py fails it if not).
 test: $(STAMP)
-	LOSSBENCH_SHAPES=256x100,64x32x512 LOSSBENCH_DTYPES=float32 $(VENV)/bin/python -m pytest --benchmark-disable $(PYTEST_ARGS)
+	$(TEST_ENV) $(VENV)/bin/python -m pytest --benchmark-disable -m "not slow" $(PYTEST_ARGS)
+
+# Everything, the slow tests included: what CI (.ci/run) runs.
+test-all: $(STAMP)
+	$(TEST_ENV) $(VENV)/bin/python -m pytest --benchmark-disable $(PYTEST_ARGS)
 
 # On a GPU machine, with the CUDA build of torch already in $(VENV) (PIP_CONSTRAINTS= keeps it):
 # the CUDA tests (compiled Triton kernels, ours and the peers', through the accuracy checks), then the

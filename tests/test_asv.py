@@ -87,6 +87,7 @@ def test_asv_run_saves_results_in_lossbenchs_schema(asv_results):
     assert sorted(base["time_median_ms"]) == pytest.approx(sorted(v * 1e3 for v in raw), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_compare_on_two_asv_result_files(asv_results):
     tmp, files = asv_results
     from lossbench.cli import main

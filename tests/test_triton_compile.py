@@ -231,6 +231,7 @@ def test_missing_cuobjdump_is_a_clear_error(monkeypatch):
         aot.cuobjdump_path()
 
 
+@pytest.mark.slow
 def test_format_rows(table):
     df = aot.format_rows(table)
     assert list(df.columns) == ["kernel", "variant", "arch", "registers", "spill_bytes", "shared_bytes",

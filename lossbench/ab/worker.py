@@ -93,28 +93,20 @@ class _Side:
 
     def refresh(self) -> dict:
         """The unit's calls made anew: fresh copies of the inputs, at new addresses (a block of rounds
-        starts with this on both sides, so that where the buffers landed is not one side's luck). The
-        new copies are made while the old ones are alive, after a spacer of random size: freed first,
-        the old buffers were handed straight back by the allocator, and every block had the inputs at
-        the same addresses (ce 64x50: the same data_ptr in every block)."""
-        import random
-
+        starts with this on both sides, so that where the buffers landed is not one side's luck)."""
         from lossbench.registry import get
         from lossbench.runners.calls import ModeCall
 
-        old, self.calls = self.calls, {}
+        self.calls = {}
+        gc.collect()
         if self.mutates:
-            device = self.unit.case.device
-            spacer = self.torch.empty(random.randrange(1, 1 << 18), dtype=self.torch.uint8, device=device)
             impl = get(self.unit.case.family, self.unit.impl)
             for mode, mutates in self.mutates.items():
-                self.calls[mode] = (ModeCall(impl.fn, self.pristine, mode, fresh_inputs=mutates), device)  # clones
-            del old, spacer
-            gc.collect()
-            for call, _ in self.calls.values():
+                call = ModeCall(impl.fn, self.pristine, mode, fresh_inputs=mutates)  # clones: new addresses
                 for _ in range(2):  # warm-up: the runner already compiled; caches and allocator settle
                     call.setup()
                     call()
+                self.calls[mode] = (call, self.unit.case.device)
         return {}
 
     def sample(self, mode: str) -> dict:
