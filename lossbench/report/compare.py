@@ -666,7 +666,7 @@ def write(cmp: Comparison, console: Console, markdown_path: str | None = None, j
         Path(json_path).write_text(json.dumps(to_json(cmp), indent=1))
 
 
-def threshold_from_pct(pct: float | None, default_pct: float = None) -> float:
+def threshold_from_pct(pct: float | None, default_pct: float | None = None) -> float:
     """--threshold as a fraction; the command's default when not given."""
     if pct is None:
         pct = DEFAULT_THRESHOLD_PCT if default_pct is None else default_pct
