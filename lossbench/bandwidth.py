@@ -12,35 +12,12 @@ import torch
 
 from . import devices
 from .cases import Case, Inputs
-
-
-def _nbytes(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.numel() * t.element_size()
+from .families import get_family
 
 
 def bytes_moved(case: Case, inputs: Inputs, loss_numel: int, mode: str) -> int:
-    x = inputs.args[0]
-    out = loss_numel * x.element_size()
-    if case.family == "linear_ce":
-        hidden, weight, target = inputs.args
-        operands = _nbytes(hidden) + _nbytes(weight) + _nbytes(inputs.kwargs.get("bias"))
-        # fwd reads hidden and weight once; with gradients, their gradients are written once too.
-        return {"fwd": operands + _nbytes(target) + out,
-                "fwd_bwd": 2 * operands + _nbytes(target) + out,
-                "bwd": 2 * operands + _nbytes(target)}[mode]
-    target = inputs.args[1]
-    extra = _nbytes(target) + _nbytes(inputs.kwargs.get("weight"))
-    xb = _nbytes(x)
-    if case.family == "nll":
-        rows = xb // (x.shape[1] * x.element_size())
-        # the forward gathers one value per row; the gradient is dense, written once
-        return {"fwd": rows * x.element_size() + extra + out, "fwd_bwd": rows * x.element_size() + extra + xb,
-                "bwd": extra + xb}[mode]
-    if case.family == "kl":
-        # the gradient needs only the target: -t (or -exp(t)) over the scale
-        return {"fwd": xb + extra + out, "fwd_bwd": 2 * xb + extra + out, "bwd": xb + extra}[mode]
-    # ce: logits read once; the gradient written once
-    return {"fwd": xb + extra + out, "fwd_bwd": 2 * xb + extra + out, "bwd": 2 * xb + extra}[mode]
+    """What an ideal fused implementation of the case's family reads and writes (Family.bytes_moved)."""
+    return get_family(case.family).bytes_moved(inputs, loss_numel, mode)
 
 
 # A working set must be this many times the device's largest cache for a rate to count: below it, written

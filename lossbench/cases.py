@@ -1,23 +1,24 @@
 """A case is one measurable problem: family x shape x dtype x device x input distribution x options.
 
-`make_inputs` turns a case into the tensors an implementation is called with. Inputs are generated
-from a seed derived from the case (not the device), on the CPU, so every implementation and every
-device sees the same numbers.
+`make_inputs` turns a case into the tensors an implementation is called with: the case's family
+(lossbench/families) draws them from a seed derived from the case (not the device), on the CPU, so
+every implementation and every device sees the same numbers.
 """
 from __future__ import annotations
 
 import json
-import math
 import re
 import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .errors import UsageError
-from .families import FAMILIES, IGNORE_INDEX, INPUT_DISTS, get_family, normalize_options
+from .families import FAMILIES, INPUT_DISTS, get_family, normalize_options
+from .inputs import Inputs
+
+__all__ = ["Case", "DTYPES", "Inputs", "make_inputs", "parse_dtype", "parse_shape"]
 
 DTYPES = {
     "float32": torch.float32,
@@ -109,138 +110,6 @@ class Case:
         return zlib.crc32(key.encode())
 
 
-@dataclass
-class Inputs:
-    """What one call receives: positional tensors, keyword arguments, and the upstream gradient."""
-
-    args: list[torch.Tensor]
-    kwargs: dict[str, Any]
-    differentiable: tuple[int | str, ...]  # positions in args, or keyword names (bias), that get gradients
-    grad_output: torch.Tensor  # non-uniform for reduction="none" (catches per-row scaling bugs)
-    class_dim: int = 1
-
-    def get(self, key: int | str) -> torch.Tensor:
-        return self.args[key] if isinstance(key, int) else self.kwargs[key]
-
-    def grad_inputs(self) -> list[torch.Tensor]:
-        return [self.get(k) for k in self.differentiable]
-
-    def tensors(self) -> list[torch.Tensor]:
-        """Every tensor the implementation could write into (mutation detection)."""
-        extra = [v for v in self.kwargs.values() if isinstance(v, torch.Tensor)]
-        return [*self.args, *extra]
-
-    def clone(self) -> "Inputs":
-        # preserve_format keeps the strides of non-contiguous (transposed) inputs.
-        def cp(t: Any) -> Any:
-            return t.detach().clone(memory_format=torch.preserve_format) if isinstance(t, torch.Tensor) else t
-
-        return Inputs([cp(a) for a in self.args], {k: cp(v) for k, v in self.kwargs.items()},
-                      self.differentiable, cp(self.grad_output), self.class_dim)
-
-
-def _class_last_shape(case: Case) -> tuple[int, ...]:
-    d = case.options.get("spatial", 0)
-    return (case.n, d, case.c) if d else (case.n, case.c)
-
-
-def _to_class_dim1(x: torch.Tensor, noncontig: bool) -> torch.Tensor:
-    """Generated tensors keep classes last; torch wants them in dim 1. `noncontig` keeps the
-    class-last storage (strided class dimension) instead of making the result contiguous."""
-    if x.dim() == 2:
-        return x if not noncontig else x.t().contiguous().t()
-    moved = x.movedim(-1, 1)
-    return moved if noncontig else moved.contiguous()
-
-
-def _logits(case: Case, gen: torch.Generator, true_class: torch.Tensor) -> torch.Tensor:
-    """float32 logits, classes last. `peaked`: the true class's softmax drawn from U(0.9, 0.999)."""
-    x = torch.randn(*_class_last_shape(case), generator=gen)
-    if case.input_dist == "peaked":
-        p = 0.9 + 0.099 * torch.rand(true_class.shape, generator=gen, dtype=torch.float64)
-        others = x.double().scatter(-1, true_class.unsqueeze(-1), -math.inf).logsumexp(-1)
-        # softmax_y = e^z / (e^z + S)  =>  z = log(p / (1 - p)) + log S
-        z = torch.log(p / (1 - p)) + others
-        x.scatter_(-1, true_class.unsqueeze(-1), z.float().unsqueeze(-1))
-    return x
-
-
-def _ignored(target: torch.Tensor, frac: float, gen: torch.Generator) -> torch.Tensor:
-    """Exactly round(frac * rows) targets set to ignore_index, at random rows."""
-    target = target.clone()
-    n_ignored = round(float(frac) * target.numel())
-    if n_ignored:
-        flat = target.view(-1)
-        flat[torch.randperm(flat.numel(), generator=gen)[:n_ignored]] = IGNORE_INDEX
-    return target
-
-
-def _linear_ce_inputs(case: Case, gen: torch.Generator, true_class: torch.Tensor) -> Inputs:
-    """hidden [N, H], weight [V, H] (scaled so logits are ~N(0, 1)), optional bias, targets.
-    `peaked`: each hidden row is pushed along its target's weight row until the true class's softmax
-    reaches a draw from U(0.9, 0.999) (exact for the first-order logit, close after the push)."""
-    opts, dtype, device = case.options, case.torch_dtype, torch.device(case.device)
-    hidden = torch.randn(case.n, case.h, generator=gen)
-    weight = torch.randn(case.c, case.h, generator=gen) / math.sqrt(case.h)
-    bias = 0.1 * torch.randn(case.c, generator=gen) if opts["bias"] else None
-    if case.input_dist == "peaked":
-        logits = torch.nn.functional.linear(hidden.double(), weight.double(), None if bias is None else bias.double())
-        p = 0.9 + 0.099 * torch.rand(case.n, generator=gen, dtype=torch.float64)
-        others = logits.scatter(1, true_class.unsqueeze(1), -math.inf).logsumexp(1)
-        want = torch.log(p / (1 - p)) + others
-        w_y = weight.double()[true_class]
-        push = (want - logits.gather(1, true_class.unsqueeze(1)).squeeze(1)) / (w_y * w_y).sum(1)
-        hidden = (hidden.double() + push.unsqueeze(1) * w_y).float()
-    target = _ignored(true_class, opts["ignore_frac"], gen).to(device)
-    kwargs: dict[str, Any] = {"bias": None if bias is None else bias.to(dtype).to(device),
-                              "ignore_index": IGNORE_INDEX, "reduction": opts["reduction"],
-                              "label_smoothing": float(opts["label_smoothing"])}
-    grad_output = (torch.randn(case.n, generator=gen) if opts["reduction"] == "none"
-                   else 0.5 + 1.5 * torch.rand((), generator=gen))
-    differentiable = (0, 1, "bias") if bias is not None else (0, 1)
-    return Inputs([hidden.to(dtype).to(device), weight.to(dtype).to(device), target], kwargs, differentiable,
-                  grad_output.to(dtype).to(device))
-
-
 def make_inputs(case: Case) -> Inputs:
-    fam, opts = case.family, case.options
-    dtype, device = case.torch_dtype, torch.device(case.device)
-    gen = torch.Generator().manual_seed(case.seed())
-    row_shape = _class_last_shape(case)[:-1]
-    true_class = torch.randint(0, case.c, row_shape, generator=gen)
-    if fam == "linear_ce":
-        return _linear_ce_inputs(case, gen, true_class)
-    noncontig = bool(opts["noncontig"])
-
-    def place(x: torch.Tensor) -> torch.Tensor:
-        return _to_class_dim1(x.to(dtype), noncontig).to(device)
-
-    kwargs: dict[str, Any] = {"reduction": opts["reduction"]}
-    if fam == "kl":
-        log_q = F.log_softmax(_logits(case, gen, true_class), -1)
-        p_logits = _logits(case, gen, true_class)
-        target = F.log_softmax(p_logits, -1) if opts["log_target"] else F.softmax(p_logits, -1)
-        args = [place(log_q), place(target)]
-        kwargs["log_target"] = bool(opts["log_target"])
-    else:
-        logits = _logits(case, gen, true_class)
-        first = F.log_softmax(logits, -1) if fam == "nll" else logits
-        if fam == "ce" and opts["target"] == "prob":
-            target = place(F.softmax(2 * torch.randn(row_shape + (case.c,), generator=gen), -1))
-        else:
-            target = _ignored(true_class, opts["ignore_frac"], gen).to(device)
-        args = [place(first), target]
-        weight = None
-        if opts["weight"]:
-            weight = (0.5 + 1.5 * torch.rand(case.c, generator=gen)).to(dtype).to(device)
-        kwargs.update(weight=weight, ignore_index=IGNORE_INDEX)
-        if fam == "ce":
-            kwargs["label_smoothing"] = float(opts["label_smoothing"])
-
-    if opts["reduction"] == "none":
-        # ce/nll give one loss per row, in torch's order (N,) or (N, d); kl one per element.
-        loss_shape = tuple(args[0].shape) if fam == "kl" else row_shape
-        grad_output = torch.randn(loss_shape, generator=gen)
-    else:
-        grad_output = 0.5 + 1.5 * torch.rand((), generator=gen)
-    return Inputs(args, kwargs, (0,), grad_output.to(dtype).to(device))
+    """The tensors one call of `case` receives: the family draws them from the case's seed."""
+    return get_family(case.family).inputs(case, torch.Generator().manual_seed(case.seed()))

@@ -295,7 +295,7 @@ class UnitRunner:
 
     def _memory(self, call: ModeCall, case: Case, st: _CaseState, impl: Implementation, mode: str,
                 overwritten: tuple) -> dict[str, Any]:
-        floor = memory.floor_bytes(st.pristine, tuple(st.ref.loss.shape), mode, case.device,
+        floor = memory.floor_bytes(case.family, st.pristine, tuple(st.ref.loss.shape), mode, case.device,
                                    grad_in_forward=impl.grad_in_forward, overwritten=overwritten)
         try:
             mem = memory.measure_call(call, case.device)

@@ -69,18 +69,18 @@ def test_floor_bytes():
     inputs = make_inputs(Case.make("ce", 64, 500, "bfloat16", "cpu", options={"reduction": "none"}))
     loss, grad = 64 * 2, 64 * 500 * 2
     # CUDA's allocator counts bytes
-    assert memory.floor_bytes(inputs, (64,), "fwd", "cuda") == loss
-    assert memory.floor_bytes(inputs, (64,), "bwd", "cuda") == grad
-    assert memory.floor_bytes(inputs, (64,), "fwd_bwd", "cuda") == loss + grad
+    assert memory.floor_bytes("ce", inputs, (64,), "fwd", "cuda") == loss
+    assert memory.floor_bytes("ce", inputs, (64,), "bwd", "cuda") == grad
+    assert memory.floor_bytes("ce", inputs, (64,), "fwd_bwd", "cuda") == loss + grad
     # grad in forward: the gradient exists before bwd starts
-    assert memory.floor_bytes(inputs, (64,), "bwd", "cuda", grad_in_forward=True) == 0
-    assert memory.floor_bytes(inputs, (64,), "fwd_bwd", "cuda", grad_in_forward=True) == loss + grad
+    assert memory.floor_bytes("ce", inputs, (64,), "bwd", "cuda", grad_in_forward=True) == 0
+    assert memory.floor_bytes("ce", inputs, (64,), "fwd_bwd", "cuda", grad_in_forward=True) == loss + grad
     # a gradient written into the input it overwrote costs nothing new
-    assert memory.floor_bytes(inputs, (64,), "fwd_bwd", "cuda", overwritten=(0,)) == loss
+    assert memory.floor_bytes("ce", inputs, (64,), "fwd_bwd", "cuda", overwritten=(0,)) == loss
     # CPU pages: a new buffer may share its first and last page with resident memory
     page = memory.PAGE_BYTES
-    assert memory.floor_bytes(inputs, (64,), "fwd", "cpu") == 0
-    assert memory.floor_bytes(inputs, (64,), "bwd", "cpu") == grad - 2 * page
+    assert memory.floor_bytes("ce", inputs, (64,), "fwd", "cpu") == 0
+    assert memory.floor_bytes("ce", inputs, (64,), "bwd", "cpu") == grad - 2 * page
 
 
 @pytest.mark.parametrize("mib", [1, 8])

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from lossbench import reference
 from lossbench.cases import Inputs, make_inputs
+from lossbench.families import get_family
 
 D = torch.float64
 
@@ -130,6 +131,9 @@ def test_linear_ce_hand_computed():
     ("kl", (37, 50), {"reduction": "none"}),
     ("linear_ce", (37, 8, 50), {"bias": True, "label_smoothing": 0.1, "ignore_frac": 0.25}),
     ("linear_ce", (37, 8, 50), {"reduction": "none"}),
+    ("jsd", (37, 50), {"ignore_frac": 0.25}),
+    ("jsd", (37, 50), {"beta": 0.0, "reduction": "none", "ignore_frac": 0.25}),
+    ("jsd", (37, 50), {"beta": 1.0, "reduction": "sum"}),
 ])
 def test_chunked_reference_equals_the_whole_one(monkeypatch, family, shape, opts):
     """Large cases compute the reference in row slices: the same numbers as in one piece."""
@@ -137,7 +141,7 @@ def test_chunked_reference_equals_the_whole_one(monkeypatch, family, shape, opts
 
     inputs = make_inputs(Case.from_shape(family, shape, "float32", "cpu", "peaked", opts))
     whole = reference.compute(family, inputs)
-    row_bytes = reference._row_bytes(family, inputs)
+    row_bytes = reference.row_bytes(get_family(family), inputs)
     monkeypatch.setattr(reference, "_compute_whole", None)  # the sliced path must be the one that runs
     sliced = reference.compute(family, inputs, chunk_bytes=5 * row_bytes)  # 5 rows per slice
     torch.testing.assert_close(sliced.loss, whole.loss, rtol=1e-12, atol=1e-14, equal_nan=True)

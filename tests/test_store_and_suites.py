@@ -65,7 +65,7 @@ def test_filters_and_shape_override():
 def test_default_plan_is_each_familys_torch_default():
     plan = build_plan(None, devices=["cpu"], shapes=["32x8", "16x4x100"])
     assert sorted((c.family, c.shape) for c, _ in plan.items) == [
-        ("ce", "32x8"), ("kl", "32x8"), ("linear_ce", "16x4x100"), ("nll", "32x8")]
+        ("ce", "32x8"), ("jsd", "32x8"), ("kl", "32x8"), ("linear_ce", "16x4x100"), ("nll", "32x8")]
     assert all(not c.non_default_options and m == ("fwd", "fwd_bwd", "bwd") for c, m in plan.items)
     # In a mixed list each family takes the shapes of its own form; none of its form, no cases.
     assert "linear_ce" not in {c.family for c, _ in build_plan(None, devices=["cpu"], shapes=["32x8"]).items}

@@ -82,10 +82,10 @@ def _ref_ce(x64, y, w64, reduction, eps, z, go):
     x64 = x64.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         if z == 0.0:
-            loss = reference.ce(x64, y, weight=w64, ignore_index=-100, reduction=reduction, label_smoothing=eps)
+            loss = reference.definition("ce")(x64, y, weight=w64, ignore_index=-100, reduction=reduction, label_smoothing=eps)
         else:
             keep = y != -100
-            rows = reference.ce(x64, y, weight=w64, ignore_index=-100, reduction="none", label_smoothing=eps)
+            rows = reference.definition("ce")(x64, y, weight=w64, ignore_index=-100, reduction="none", label_smoothing=eps)
             rows = rows + z * torch.logsumexp(x64, 1) ** 2 * keep
             den = (w64[torch.where(keep, y, 0)] * keep).sum() if w64 is not None else keep.sum().double()
             loss = {"none": rows, "sum": rows.sum(), "mean": rows.sum() / den}[reduction]
@@ -235,7 +235,7 @@ def test_ce_without_grad_and_huge_vocab_mask():
     y = torch.tensor([70000, 5])
     with torch.no_grad():
         loss = tk.cross_entropy(_dev(x), _dev(y), reduction="none")
-    ref = reference.ce(x.double(), y, reduction="none")
+    ref = reference.definition("ce")(x.double(), y, reduction="none")
     assert rel_l2(loss.cpu().double(), ref) < 1e-6
 
 
@@ -295,7 +295,7 @@ def test_kl_matches_reference(dtype, reduction, log_target):
     loss.backward(_dev(go))
     loss, grad = loss.detach().cpu().double(), xr.grad.cpu().double()
     x64 = x.double().requires_grad_(True)
-    ref = reference.kl(x64, t.double(), reduction=reduction, log_target=log_target)
+    ref = reference.definition("kl")(x64, t.double(), reduction=reduction, log_target=log_target)
     (ref_grad,) = torch.autograd.grad(ref, x64, go.double())
     tol = 1e-6 if dtype == F32 else 2 ** -8
     assert rel_l2(loss, ref.detach()) < tol
@@ -319,7 +319,7 @@ def test_kl_non_contiguous():
     xd, td = _dev(x.t()).t(), _dev(t.t()).t()  # the same transposed views on the device
     assert xd.stride() == x.stride() and td.stride() == t.stride()
     loss = tk.kl_div(xd, td, reduction="sum")
-    assert rel_l2(loss.cpu().double(), reference.kl(x.double(), t.double(), reduction="sum")) < 1e-6
+    assert rel_l2(loss.cpu().double(), reference.definition("kl")(x.double(), t.double(), reduction="sum")) < 1e-6
 
 
 # --- linear + cross-entropy -----------------------------------------------------------------------
@@ -327,7 +327,7 @@ def _ref_linear_ce(h, w, b, y, reduction, eps, go):
     leaves = [t.double().requires_grad_(True) for t in (h, w) + ((b,) if b is not None else ())]
     with torch.enable_grad():
         logits = leaves[0] @ leaves[1].T + (leaves[2] if b is not None else 0)
-        loss = reference.ce(logits, y, ignore_index=-100, reduction=reduction, label_smoothing=eps)
+        loss = reference.definition("ce")(logits, y, ignore_index=-100, reduction=reduction, label_smoothing=eps)
         grads = torch.autograd.grad(loss, leaves, go.double())
     return loss.detach(), grads
 
@@ -403,7 +403,7 @@ def test_linear_ce_peaked_rows_within_floor(dtype):
         # log p by as much. The floor is then the exact maths on the matmul's own logits (the
         # device's matmul: the kernels' logits come from it).
         logits = (_dev(h) @ _dev(w).T).cpu().double().requires_grad_(True)
-        rows = reference.ce(logits, y, reduction="none")
+        rows = reference.definition("ce")(logits, y, reduction="none")
         (g_logits,) = torch.autograd.grad(rows, logits, go.double())
         gemm = [g_logits @ w.double(), g_logits.T @ h.double()]
         floors = [max(f, worst_row_err(e, r)) for f, e, r in zip(floors, gemm, ref_grads)]

@@ -1,7 +1,8 @@
 """torch's own implementations, under the same names in every family:
 
 - torch_module:     nn.NLLLoss / nn.CrossEntropyLoss / nn.KLDivLoss
-- torch_functional: F.nll_loss / F.cross_entropy / F.kl_div (the baseline every table compares with)
+- torch_functional: each family's baseline (F.nll_loss / F.cross_entropy / F.kl_div; jsd's from
+                    primitives): the implementation every table compares with
 - torch_composed:   the loss as a user would write it from primitives (log_softmax + gather, xlogy)
 - torch_compile:    torch.compile of the functional form
 """
@@ -11,7 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..registry import register
+from ..families import FAMILIES
+from ..families import jsd as jsd_family
+from ..registry import BASELINE, register
 
 # --- torch_module -------------------------------------------------------------------------------
 # Modules are built once per (class, options, weight) like a training loop does; building one per
@@ -48,9 +51,10 @@ def kl_module(input, target, *, reduction="batchmean", log_target=False):
 
 
 # --- torch_functional ---------------------------------------------------------------------------
-register(family="nll", name="torch_functional", description="F.nll_loss")(F.nll_loss)
-register(family="ce", name="torch_functional", description="F.cross_entropy")(F.cross_entropy)
-register(family="kl", name="torch_functional", description="F.kl_div")(F.kl_div)
+# Every family states its baseline (Family.baseline): registered here for all of them, so no family
+# can lack the implementation every comparison is made against.
+for _family in FAMILIES.values():
+    register(family=_family.name, name=BASELINE, description=_family.baseline_description)(_family.baseline)
 
 
 # --- torch_composed -----------------------------------------------------------------------------
@@ -157,13 +161,6 @@ def kl_compile(input, target, *, reduction="batchmean", log_target=False):
 
 
 # --- linear_ce: the projection to the vocabulary, then cross-entropy -----------------------------
-@register(family="linear_ce", name="torch_functional", description="F.linear + F.cross_entropy")
-def linear_ce_functional(hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean",
-                         label_smoothing=0.0):
-    return F.cross_entropy(F.linear(hidden, weight, bias), target, ignore_index=ignore_index,
-                           reduction=reduction, label_smoothing=label_smoothing)
-
-
 @register(family="linear_ce", name="torch_module", description="F.linear + nn.CrossEntropyLoss")
 def linear_ce_module(hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
     loss = _module(nn.CrossEntropyLoss, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
@@ -188,3 +185,14 @@ def _linear_ce_fn(hidden, weight, target, bias, ignore_index, reduction, label_s
           description="torch.compile(F.linear + F.cross_entropy)")
 def linear_ce_compile(hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
     return _compile("linear_ce", _linear_ce_fn)(hidden, weight, target, bias, ignore_index, reduction, label_smoothing)
+
+
+# --- jsd: torch has no JSD; its baseline (torch_functional) is written from primitives --------------
+def _jsd_fn(log_q, log_p, label, beta, ignore_index, reduction):
+    return jsd_family.functional(log_q, log_p, label=label, beta=beta, ignore_index=ignore_index,
+                                 reduction=reduction)
+
+
+@register(family="jsd", name="torch_compile", compiles=True, description="torch.compile of the primitives' JSD")
+def jsd_compile(log_q, log_p, *, label=None, beta=0.5, ignore_index=-100, reduction="batchmean"):
+    return _compile("jsd", _jsd_fn)(log_q, log_p, label, beta, ignore_index, reduction)

@@ -30,12 +30,12 @@ from ..runners.calls import ModeCall
 from ..runners.timing import flush_caches
 
 MODE = "fwd_bwd"
-# The default grid: each family's small case of the quick suite (a full `asv run` of it: 7.5 min on 2 cores).
-SHAPES = {"nll": "2048x1000", "ce": "2048x1000", "kl": "2048x1000", "linear_ce": "512x256x4096"}
+# The default grid: each family's default_shape (the quick suite's small case; a full `asv run` of it:
+# 7.5 min on 2 cores).
 DTYPES = ["float32", "bfloat16"]
 # What a user sets to widen the grid or add implementations; asv's and pytest's processes both read them.
 ENV_PLUGIN = "LOSSBENCH_PLUGIN"   # modules or .py files, separated by os.pathsep (':')
-ENV_SHAPES = "LOSSBENCH_SHAPES"   # comma-separated, as --shape: NxC for nll/ce/kl, NxHxV for linear_ce
+ENV_SHAPES = "LOSSBENCH_SHAPES"   # comma-separated, as --shape: NxC, or NxHxV for linear_ce
 ENV_DTYPES = "LOSSBENCH_DTYPES"   # comma-separated dtype names
 ENV_DEVICES = "LOSSBENCH_DEVICES"  # as --device: cpu, cuda, cuda:N, all (default: cpu and every CUDA device)
 ENV_IMPLS = "LOSSBENCH_IMPLS"     # comma-separated implementation names (default: every registered one)
@@ -66,7 +66,7 @@ def grid(family: str) -> Grid:
     shapes and dtypes of the environment or the defaults, and CPU plus every CUDA device there is."""
     load_plugins()
     fam = FAMILIES[family]
-    shapes = _env_list(ENV_SHAPES) or [SHAPES[family]]
+    shapes = _env_list(ENV_SHAPES) or [fam.default_shape]
     shapes = [s for s in shapes if len(parse_shape(s)) == fam.shape_dims]
     dtypes = _env_list(ENV_DTYPES) or DTYPES
     for d in dtypes:
@@ -120,7 +120,7 @@ class Bench:
     def memory(self) -> dict:
         """extra_mem_bytes (the call's peak over its inputs, the smallest of memory.MEMORY_REPEATS calls),
         extra_mem_max_bytes and the analytic floor min_mem_bytes; empty where the platform has no probe."""
-        floor = memory.floor_bytes(self.pristine, tuple(self.reference.loss.shape), MODE, self.case.device,
+        floor = memory.floor_bytes(self.case.family, self.pristine, tuple(self.reference.loss.shape), MODE, self.case.device,
                                    grad_in_forward=self.impl.grad_in_forward, overwritten=self.accuracy.mutated)
         try:
             mem = memory.measure_call(self.call, self.case.device)

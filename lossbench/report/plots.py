@@ -21,6 +21,7 @@ from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullLocator  # noqa: E402
 
+from ..families import FAMILIES  # noqa: E402
 from ..registry import BASELINE  # noqa: E402
 from ..runners.accuracy import BUDGETS  # noqa: E402
 from .page import Section  # noqa: E402
@@ -81,6 +82,17 @@ def modes_text(rows: pd.DataFrame) -> str:
     return "modes " + ", ".join(f"{f} {m}" for f, m in modes.items())
 
 
+def _x_label(rows: pd.DataFrame) -> str:
+    """The x axis (a case's last size) as each plotted family names it (Family.axis_label)."""
+    names = {}
+    for fam in rows["family"].unique():
+        label = FAMILIES[fam].axis_label if fam in FAMILIES else "last size"
+        names.setdefault(label, []).append(str(fam))
+    if len(names) == 1:
+        return next(iter(names))
+    return " / ".join(f"{label} ({', '.join(fams)})" for label, fams in names.items())
+
+
 def _panel(df: pd.DataFrame) -> pd.Series:
     # one facet column per device and dtype: their numbers are not comparable with each other
     return df["device"].astype(str) + " · " + df["dtype"].astype(str)
@@ -115,7 +127,7 @@ def speedup_section(df: pd.DataFrame) -> Section:
     _plain_log_axes(g, sp["c"])
     for ax in g.axes.flat:
         ax.axhline(1.0, color="0.3", ls="--", lw=1)
-    g.set_axis_labels("classes c (vocabulary V for linear_ce)", f"speedup over {BASELINE}")
+    g.set_axis_labels(_x_label(sp), f"speedup over {BASELINE}")
     g.set_titles(row_template="{row_name}", col_template="{col_name}")
     table = (sp.groupby(["family", "device", "dtype", "mode", "c", "impl"], sort=False)["speedup"]
              .agg(cases="size", median="median", min="min", max="max").reset_index())
@@ -198,7 +210,7 @@ def memory_section(df: pd.DataFrame) -> Section:
             ax.plot(floor.index, floor.values, color="black", ls="--", marker="_", markersize=18, lw=1.2,
                     label="analytic floor")
     _plain_log_axes(g, mem["c"])
-    g.set_axis_labels("classes c (vocabulary V for linear_ce)", "extra memory (MiB)")
+    g.set_axis_labels(_x_label(mem), "extra memory (MiB)")
     g.set_titles(row_template="{row_name}", col_template="{col_name}")
     mem["over_floor"] = mem["extra_mem_bytes"].astype(float) / mem["min_mem_bytes"].astype(float).where(
         mem["min_mem_bytes"].astype(float) > 0)

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cases import Inputs
+from ..families import get_family
+from ..inputs import Inputs
 from ..devices import synchronize
 
 
@@ -135,9 +136,10 @@ def visible_bytes(nbytes: int, device: str | torch.device) -> int:
     return max(0, nbytes - 2 * PAGE_BYTES)
 
 
-def floor_bytes(inputs: Inputs, loss_shape: tuple[int, ...], mode: str, device: str | torch.device, *,
+def floor_bytes(family: str, inputs: Inputs, loss_shape: tuple[int, ...], mode: str, device: str | torch.device, *,
                 grad_in_forward: bool = False, overwritten: tuple = ()) -> int:
-    """What the implementation must allocate in this mode, as the device's memory counter sees it:
+    """What the implementation must allocate in this mode, as the device's memory counter sees it
+    (the family states the bytes of its loss and of each gradient: Family.output_bytes):
     - fwd: the loss it returns;
     - bwd: the gradient of every differentiable input, except for implementations that compute the
       gradient in forward (grad_in_forward): theirs exists before bwd starts, so their bwd floor is 0
@@ -146,9 +148,8 @@ def floor_bytes(inputs: Inputs, loss_shape: tuple[int, ...], mode: str, device: 
     A gradient an implementation writes into the storage of an input it overwrites (`overwritten`:
     positions or names, as the accuracy call detected them; Liger writes into the logits) costs no new
     memory and is not counted."""
-    first = inputs.args[0]
-    loss = visible_bytes(torch.Size(loss_shape).numel() * first.element_size(), device)
-    grads = sum(visible_bytes(inputs.get(k).numel() * inputs.get(k).element_size(), device)
-                for k in inputs.differentiable if k not in overwritten)
+    loss_b, grad_b = get_family(family).output_bytes(inputs, torch.Size(loss_shape).numel())
+    loss = visible_bytes(loss_b, device)
+    grads = sum(visible_bytes(b, device) for k, b in grad_b.items() if k not in overwritten)
     bwd = 0 if grad_in_forward else grads
     return {"fwd": loss, "bwd": bwd, "fwd_bwd": loss + grads}[mode]
