@@ -15,6 +15,7 @@ from rich.table import Table
 
 from . import quiet_exit, registry, run, store, suites
 from .errors import UsageError
+from .families import FAMILIES
 from .ab import command as ab_command
 from .runners.pairing import MIN_BLOCKS
 from .report import ab as ab_report
@@ -194,7 +195,7 @@ def _add_selection(p: argparse.ArgumentParser, suite_default: str | None = None)
                    help=f"built-in suite ({', '.join(suites.suite_names())}) or a .toml file"
                         + (f" (default: {suite_default})" if suite_default else
                            "; without it, each family's torch-default case"))
-    p.add_argument("--family", help="comma-separated: nll,ce,kl,linear_ce")
+    p.add_argument("--family", help=f"comma-separated: {','.join(FAMILIES)}")
     p.add_argument("--impl", help="comma-separated implementation names (see `lossbench list`)")
     p.add_argument("--device", help="cpu | cuda | cuda:N | all (default: the best available)")
     p.add_argument("--dtype", help="comma-separated: float32,bfloat16,float16,float64")

@@ -357,6 +357,26 @@ def test_liger_linear_ce_refuses_a_mean_over_no_targets(liger):
         _call("liger", _case("linear_ce", 8, 64, h=16, ignore_frac=1.0))
 
 
+# --- jsd ------------------------------------------------------------------------------------------
+JSD_VARIANTS = [dict(), dict(beta=0.0), dict(beta=1.0), dict(beta=0.1, ignore_frac=0.25)]
+
+
+@pytest.mark.parametrize("dist", ["normal", "peaked"])
+@pytest.mark.parametrize("opts", JSD_VARIANTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_liger_jsd_matches_the_reference(liger, dist, opts):
+    r = _measure("liger", _case("jsd", 16, 1000, dist=dist, **opts))
+    assert r.accuracy_ok, r
+    assert not r.mutates_inputs  # liger's forward writes its gradient into a clone of the input
+
+
+def test_liger_jsd_declares_its_one_reduction_and_refuses_an_empty_mean(liger):
+    impl = registry.get("jsd", "liger")
+    assert impl.grad_in_forward and set(impl.unsupported) == {"reduction=none", "reduction=sum"}
+    assert impl.why_unsupported(_case("jsd", 4, 8, reduction="sum"))
+    with pytest.raises(NotImplementedError, match="zero contributing"):
+        _call("liger", _case("jsd", 8, 64, ignore_frac=1.0))
+
+
 # --- cut cross-entropy -----------------------------------------------------------------------------
 CCE_VARIANTS = [
     dict(),

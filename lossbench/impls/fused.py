@@ -69,3 +69,15 @@ def linear_ce_fused_triton(hidden, weight, target, **kwargs):
           description="CPU: chunked over tokens, memory independent of N x V; CUDA: the Triton version")
 def linear_ce_fused(hidden, weight, target, **kwargs):
     return _for(hidden.device).linear_cross_entropy(hidden, weight, target, **kwargs)
+
+
+@register(family="jsd", name="fused_triton", devices=("cuda", "cpu"), triton=True, grad_in_forward=True,
+          description="Triton: loss and gradient in one pass per row, log M without forming M")
+def jsd_fused_triton(log_q, log_p, **kwargs):
+    return _triton(log_q.device).jsd(log_q, log_p, **kwargs)
+
+
+@register(family="jsd", name="fused", grad_in_forward=True,
+          description="CPU: loss and gradient in one pass over cache-sized row chunks; CUDA: the Triton kernel")
+def jsd_fused(log_q, log_p, **kwargs):
+    return _for(log_q.device).jsd(log_q, log_p, **kwargs)

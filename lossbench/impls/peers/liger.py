@@ -1,4 +1,4 @@
-"""Liger-Kernel (liger_kernel) adapters: cross-entropy, KL divergence, fused linear + cross-entropy.
+"""Liger-Kernel (liger_kernel) adapters: cross-entropy, KL divergence, fused linear + cross-entropy, JSD.
 
 Registered only when liger_kernel imports. Its kernels are Triton: on CUDA they compile, on the CPU
 they run only under the Triton interpreter. `triton.jit` chooses compile or interpret when liger's
@@ -16,6 +16,8 @@ Conventions where liger differs from torch, and what the adapters do about them:
   targets below 1e-10; the adapter passes the smallest normal float32 (~1.18e-38), which keeps
   0 * log 0 = 0 (eps=0 would give NaN) and changes nothing for any normal float32 target.
 - liger computes in float32 whatever the input dtype (float64 rows are float32-accurate).
+- liger's JSD has one reduction, the mean over kept rows (our "batchmean"); with every row ignored it
+  returns 0 where the family's convention is NaN (an empty mean): refused like the `mean` above.
 - logits with a strided class dimension: liger's cross-entropy copies them to a contiguous tensor
   inside its autograd Function, where the copy no longer requires grad, so its kernel computes no
   gradient and backward returns the logits themselves. Passed through as measured (the accuracy
@@ -38,10 +40,12 @@ from ...registry import register
 IMPORT_ERROR: str | None = None
 try:
     from liger_kernel.ops import cross_entropy as _ce_ops
+    from liger_kernel.ops import jsd as _jsd_ops
     from liger_kernel.ops import kl_div as _kl_ops
     from liger_kernel.transformers.functional import (
         liger_cross_entropy,
         liger_fused_linear_cross_entropy,
+        liger_jsd,
         liger_kl_div,
     )
 except BaseException as exc:  # a peer may fail in any way at import, SystemExit included
@@ -161,3 +165,15 @@ if IMPORT_ERROR is None:
         out = _call(hidden, liger_fused_linear_cross_entropy, hidden, weight, target, bias=bias,
                     ignore_index=ignore_index, label_smoothing=float(label_smoothing), reduction=reduction)
         return out.to(hidden.dtype)
+
+    @register(family="jsd", name="liger", devices=("cuda", "cpu"), triton=True, grad_in_forward=True, compiles=True,
+              unsupported=("reduction=none", "reduction=sum"),
+              description="liger_kernel jsd (LigerJSDFunction; loss and gradient in forward, beta a compile-time "
+                          "constant)")
+    def liger_jsd_adapter(log_q, log_p, *, label=None, beta=0.5, ignore_index=-100, reduction="batchmean"):
+        _check_device(log_q, getattr(_jsd_ops, "_jsd_kernel", None))
+        if reduction != "batchmean":
+            raise NotImplementedError("liger's jsd only averages over the kept rows (batchmean)")
+        if label is not None and _empty_mean(label, ignore_index, None):
+            raise NotImplementedError(_EMPTY_MEAN)
+        return _call(log_q, liger_jsd, log_q, log_p, label, beta=float(beta), ignore_index=ignore_index)
