@@ -12,53 +12,19 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .errors import UsageError
 from .families import FAMILIES, get_family
+from .implementation import BASELINE, BUILTINS, Implementation, make
 
+__all__ = ["BASELINE", "Implementation", "get", "implementations", "load_plugin", "register"]
 
-@dataclass(frozen=True)
-class Implementation:
-    family: str
-    name: str
-    fn: Callable[..., Any]
-    devices: tuple[str, ...] | None = None  # device types ("cpu", "cuda"); None = any
-    dtypes: tuple[str, ...] | None = None  # dtype names; None = any
-    # Options it cannot handle: "weight" (any non-default value) or "reduction=none" (that value).
-    unsupported: tuple[str, ...] = ()
-    mutates_inputs: bool = False  # writes into its inputs (gets fresh inputs for every call)
-    grad_in_forward: bool = False  # computes the gradient in forward: its fwd time is not comparable
-    compiles: bool = False  # first call compiles: compile_ms is reported apart from steady state
-    triton: bool = False  # runs Triton kernels: on the CPU only under Triton's interpreter, whose time means nothing
-    collective: bool = False  # calls collectives: every rank of the process group must make the same call
-    description: str = ""
-    # Where its semantics knowingly differ from torch's (e.g. a clamp): recorded in every row.
-    convention: str = ""
-
-    def why_unsupported(self, case) -> str | None:
-        """A reason when the declared capabilities exclude this case, else None."""
-        device_type = case.device.split(":")[0]
-        if self.devices is not None and device_type not in self.devices:
-            return f"{self.name} does not run on {device_type}"
-        if self.dtypes is not None and case.dtype not in self.dtypes:
-            return f"{self.name} does not support {case.dtype}"
-        defaults = FAMILIES[self.family].options
-        opts = case.options
-        for item in self.unsupported:
-            key, _, value = item.partition("=")
-            if (value and str(opts.get(key)) == value) or (not value and opts.get(key) != defaults.get(key)):
-                return f"{self.name} does not support {key}={opts.get(key)}"
-        return None
-
-
-# Every comparison (speedup, err_ratio_vs_torch, mem ratio) is made against this implementation.
-BASELINE = "torch_functional"
 
 _REGISTRY: dict[tuple[str, str], Implementation] = {}
 _LOADED_PLUGINS: set[str] = set()
+_builtins_loaded = False
 
 
 def _origin(fn: Callable[..., Any]) -> tuple[str, str]:
@@ -70,23 +36,24 @@ def register(*, family: str, name: str, devices: Iterable[str] | None = None,
              mutates_inputs: bool = False, grad_in_forward: bool = False, compiles: bool = False,
              triton: bool = False, collective: bool = False, description: str = "", convention: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator that adds `fn` to the registry under (family, name) and returns fn unchanged."""
-    get_family(family)
+    capabilities = dict(family=family, name=name, devices=devices, dtypes=dtypes, unsupported=unsupported,
+                        mutates_inputs=mutates_inputs, grad_in_forward=grad_in_forward, compiles=compiles,
+                        triton=triton, collective=collective, description=description, convention=convention)
+    get_family(family)  # an unknown family fails here, before fn exists
     _load_builtins()  # so a plugin imported first cannot take a built-in name
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        old = _REGISTRY.get((family, name))
-        if old is not None and _origin(old.fn) != _origin(fn):  # re-importing a module replaces its own
-            raise UsageError(f"implementation {family}/{name} is already registered by {_origin(old.fn)[0]}")
-        doc = description or (fn.__doc__ or "").strip().split("\n")[0]
-        _REGISTRY[(family, name)] = Implementation(
-            family, name, fn,
-            tuple(devices) if devices is not None else None,
-            tuple(dtypes) if dtypes is not None else None,
-            tuple(unsupported), mutates_inputs, grad_in_forward, compiles, triton, collective, doc, convention,
-        )
+        _add(make(fn, **capabilities))
         return fn
 
     return deco
+
+
+def _add(impl: Implementation) -> None:
+    old = _REGISTRY.get((impl.family, impl.name))
+    if old is not None and _origin(old.fn) != _origin(impl.fn):  # re-importing a module replaces its own
+        raise UsageError(f"implementation {impl.family}/{impl.name} is already registered by {_origin(old.fn)[0]}")
+    _REGISTRY[(impl.family, impl.name)] = impl
 
 
 def implementations(family: str | None = None) -> list[Implementation]:
@@ -105,7 +72,15 @@ def get(family: str, name: str) -> Implementation:
 
 
 def _load_builtins() -> None:
-    from . import impls  # noqa: F401  (registers on import)
+    """Imports lossbench/impls (they declare themselves in implementation.BUILTINS) and adds them once."""
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    from . import impls  # noqa: F401  (declares on import)
+
+    for impl in BUILTINS:
+        _add(impl)
+    _builtins_loaded = True
 
 
 def load_plugin(spec: str) -> None:

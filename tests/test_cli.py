@@ -25,8 +25,8 @@ def test_small_run_writes_complete_rows(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     df = load_results(tmp_path)
-    assert set(df["family"]) == {"nll", "ce", "kl", "linear_ce"}
-    assert len(df) == 4 * 3 * 3  # families x impls x modes
+    assert set(df["family"]) == {"nll", "ce", "kl", "linear_ce", "jsd"}
+    assert len(df) == (4 * 3 + 1) * 3  # (families x impls; jsd has torch_functional only) x modes
     assert df[df["family"] == "linear_ce"]["h"].eq(16).all()
     # these working sets fit in the cache: no rate is read against the copy bandwidth
     assert df["gbps"].isna().all() and df["pct_peak_bw"].isna().all() and (df["copy_gbps"] > 0).all()
@@ -43,7 +43,7 @@ def test_small_run_writes_complete_rows(tmp_path, capsys):
     # fwd rows are judged on the loss of the no_grad call: no gradient columns
     assert (fwd["loss_rel_err"] < 1e-6).all() and fwd["grad_rel_err"].isna().all()
     assert df["run_id"].nunique() == 1 and df["threads"].iloc[0] == torch.get_num_threads()
-    for family in ("nll", "ce", "kl", "linear_ce"):
+    for family in ("nll", "ce", "kl", "linear_ce", "jsd"):
         assert f"{family} (" in out
     meta = json.loads(next(tmp_path.glob("*.meta.json")).read_text())
     assert meta["state"] == "complete" and meta["rows"] == len(df)

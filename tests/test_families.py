@@ -135,3 +135,22 @@ def test_jsd_options_are_checked():
     inputs = make_inputs(Case.make("jsd", 40, 8, "float32", "cpu", options={"ignore_frac": 0.25}))
     assert int((inputs.kwargs["label"] == -100).sum()) == 10
     assert make_inputs(Case.make("jsd", 4, 8, "float32", "cpu")).kwargs["label"] is None
+
+
+def test_the_built_in_implementations_never_import_the_registry():
+    """registry -> impls, never back: the built-ins declare themselves in lossbench/implementation.py."""
+    import ast
+
+    offenders = []
+    for path in (PACKAGE / "impls").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom) else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            names += [a.name for a in node.names] if isinstance(node, ast.ImportFrom) else []
+            if any(n.split(".")[-1] == "registry" for n in names):
+                offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert offenders == []
+    # and every built-in still reaches the registry
+    from lossbench.implementation import BUILTINS
+
+    assert {(i.family, i.name) for i in BUILTINS} <= {(i.family, i.name) for i in registry.implementations()}

@@ -1,4 +1,5 @@
-"""Built-in implementations; importing this package registers them.
+"""Built-in implementations; importing this package declares them (implementation.BUILTINS), and the
+registry (lossbench/registry.py), which imports it, adds them before any plugin.
 
 torch_impls: torch's own (torch_module, torch_functional, torch_composed, torch_compile).
 fused:       ours (fused_triton, fused).

@@ -11,7 +11,7 @@ chosen from the environment at call time.
 """
 from __future__ import annotations
 
-from ..registry import register
+from ..implementation import builtin
 
 
 def _triton(device):
@@ -35,49 +35,49 @@ def _for(device):
 _CE_UNSUPPORTED = ("target=prob", "spatial")
 
 
-@register(family="ce", name="fused_triton", devices=("cuda", "cpu"), triton=True, unsupported=_CE_UNSUPPORTED,
+@builtin(family="ce", name="fused_triton", devices=("cuda", "cpu"), triton=True, unsupported=_CE_UNSUPPORTED,
           grad_in_forward=True, description="Triton: one online-softmax pass per row, cancellation-free p_y - 1")
 def ce_fused_triton(logits, target, **kwargs):
     return _triton(logits.device).cross_entropy(logits, target, **kwargs)
 
 
-@register(family="ce", name="fused", unsupported=_CE_UNSUPPORTED, grad_in_forward=True,
+@builtin(family="ce", name="fused", unsupported=_CE_UNSUPPORTED, grad_in_forward=True,
           description="CPU: gradient in forward over cache-sized row chunks; CUDA: the Triton kernel")
 def ce_fused(logits, target, **kwargs):
     return _for(logits.device).cross_entropy(logits, target, **kwargs)
 
 
-@register(family="kl", name="fused_triton", devices=("cuda", "cpu"), triton=True, grad_in_forward=True,
+@builtin(family="kl", name="fused_triton", devices=("cuda", "cpu"), triton=True, grad_in_forward=True,
           description="Triton: loss and gradient in one pass")
 def kl_fused_triton(input, target, **kwargs):
     return _triton(input.device).kl_div(input, target, **kwargs)
 
 
-@register(family="kl", name="fused", grad_in_forward=True,
+@builtin(family="kl", name="fused", grad_in_forward=True,
           description="CPU: loss and gradient in one pass over row chunks; CUDA: the Triton kernel")
 def kl_fused(input, target, **kwargs):
     return _for(input.device).kl_div(input, target, **kwargs)
 
 
-@register(family="linear_ce", name="fused_triton", devices=("cuda", "cpu"), triton=True, grad_in_forward=True,
+@builtin(family="linear_ce", name="fused_triton", devices=("cuda", "cpu"), triton=True, grad_in_forward=True,
           description="chunked over tokens: the N x V logits never exist; Triton cross-entropy per chunk")
 def linear_ce_fused_triton(hidden, weight, target, **kwargs):
     return _triton(hidden.device).linear_cross_entropy(hidden, weight, target, **kwargs)
 
 
-@register(family="linear_ce", name="fused", grad_in_forward=True,
+@builtin(family="linear_ce", name="fused", grad_in_forward=True,
           description="CPU: chunked over tokens, memory independent of N x V; CUDA: the Triton version")
 def linear_ce_fused(hidden, weight, target, **kwargs):
     return _for(hidden.device).linear_cross_entropy(hidden, weight, target, **kwargs)
 
 
-@register(family="jsd", name="fused_triton", devices=("cuda", "cpu"), triton=True, grad_in_forward=True,
+@builtin(family="jsd", name="fused_triton", devices=("cuda", "cpu"), triton=True, grad_in_forward=True,
           description="Triton: loss and gradient in one pass per row, log M without forming M")
 def jsd_fused_triton(log_q, log_p, **kwargs):
     return _triton(log_q.device).jsd(log_q, log_p, **kwargs)
 
 
-@register(family="jsd", name="fused", grad_in_forward=True,
+@builtin(family="jsd", name="fused", grad_in_forward=True,
           description="CPU: loss and gradient in one pass over cache-sized row chunks; CUDA: the Triton kernel")
 def jsd_fused(log_q, log_p, **kwargs):
     return _for(log_q.device).jsd(log_q, log_p, **kwargs)

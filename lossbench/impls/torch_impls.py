@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..families import FAMILIES
 from ..families import jsd as jsd_family
-from ..registry import BASELINE, register
+from ..implementation import BASELINE, builtin
 
 # --- torch_module -------------------------------------------------------------------------------
 # Modules are built once per (class, options, weight) like a training loop does; building one per
@@ -34,18 +34,18 @@ def _module(cls: type[nn.Module], weight: torch.Tensor | None = None, **kwargs) 
     return hit[0]
 
 
-@register(family="nll", name="torch_module", description="nn.NLLLoss")
+@builtin(family="nll", name="torch_module", description="nn.NLLLoss")
 def nll_module(log_probs, target, *, weight=None, ignore_index=-100, reduction="mean"):
     return _module(nn.NLLLoss, weight, ignore_index=ignore_index, reduction=reduction)(log_probs, target)
 
 
-@register(family="ce", name="torch_module", description="nn.CrossEntropyLoss")
+@builtin(family="ce", name="torch_module", description="nn.CrossEntropyLoss")
 def ce_module(logits, target, *, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
     return _module(nn.CrossEntropyLoss, weight, ignore_index=ignore_index, reduction=reduction,
                    label_smoothing=label_smoothing)(logits, target)
 
 
-@register(family="kl", name="torch_module", description="nn.KLDivLoss")
+@builtin(family="kl", name="torch_module", description="nn.KLDivLoss")
 def kl_module(input, target, *, reduction="batchmean", log_target=False):
     return _module(nn.KLDivLoss, reduction=reduction, log_target=log_target)(input, target)
 
@@ -54,7 +54,7 @@ def kl_module(input, target, *, reduction="batchmean", log_target=False):
 # Every family states its baseline (Family.baseline): registered here for all of them, so no family
 # can lack the implementation every comparison is made against.
 for _family in FAMILIES.values():
-    register(family=_family.name, name=BASELINE, description=_family.baseline_description)(_family.baseline)
+    builtin(family=_family.name, name=BASELINE, description=_family.baseline_description)(_family.baseline)
 
 
 # --- torch_composed -----------------------------------------------------------------------------
@@ -76,13 +76,13 @@ def _picked(log_p, target, weight, ignore_index):
     return -log_p.gather(1, safe.unsqueeze(1)).squeeze(1) * w, w, keep
 
 
-@register(family="nll", name="torch_composed", description="gather + weighted mean over kept rows")
+@builtin(family="nll", name="torch_composed", description="gather + weighted mean over kept rows")
 def nll_composed(log_probs, target, *, weight=None, ignore_index=-100, reduction="mean"):
     rows, w, keep = _picked(log_probs, target, weight, ignore_index)
     return _reduce_kept(rows, w, keep, reduction)
 
 
-@register(family="ce", name="torch_composed", description="log_softmax + gather (+ smoothing term)")
+@builtin(family="ce", name="torch_composed", description="log_softmax + gather (+ smoothing term)")
 def ce_composed(logits, target, *, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
     log_p = torch.log_softmax(logits, 1)
     n_classes = logits.shape[1]
@@ -100,7 +100,7 @@ def ce_composed(logits, target, *, weight=None, ignore_index=-100, reduction="me
     return _reduce_kept(rows, w, keep, reduction)
 
 
-@register(family="kl", name="torch_composed", description="xlogy(t, t) - t * input, or exp(t) * (t - input)")
+@builtin(family="kl", name="torch_composed", description="xlogy(t, t) - t * input, or exp(t) * (t - input)")
 def kl_composed(input, target, *, reduction="batchmean", log_target=False):
     pointwise = target.exp() * (target - input) if log_target else torch.xlogy(target, target) - target * input
     if reduction == "none":
@@ -145,29 +145,29 @@ def _kl_fn(input, target, reduction, log_target):
     return F.kl_div(input, target, reduction=reduction, log_target=log_target)
 
 
-@register(family="nll", name="torch_compile", compiles=True, description="torch.compile(F.nll_loss)")
+@builtin(family="nll", name="torch_compile", compiles=True, description="torch.compile(F.nll_loss)")
 def nll_compile(log_probs, target, *, weight=None, ignore_index=-100, reduction="mean"):
     return _compile("nll", _nll_fn)(log_probs, target, weight, ignore_index, reduction)
 
 
-@register(family="ce", name="torch_compile", compiles=True, description="torch.compile(F.cross_entropy)")
+@builtin(family="ce", name="torch_compile", compiles=True, description="torch.compile(F.cross_entropy)")
 def ce_compile(logits, target, *, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
     return _compile("ce", _ce_fn)(logits, target, weight, ignore_index, reduction, label_smoothing)
 
 
-@register(family="kl", name="torch_compile", compiles=True, description="torch.compile(F.kl_div)")
+@builtin(family="kl", name="torch_compile", compiles=True, description="torch.compile(F.kl_div)")
 def kl_compile(input, target, *, reduction="batchmean", log_target=False):
     return _compile("kl", _kl_fn)(input, target, reduction, log_target)
 
 
 # --- linear_ce: the projection to the vocabulary, then cross-entropy -----------------------------
-@register(family="linear_ce", name="torch_module", description="F.linear + nn.CrossEntropyLoss")
+@builtin(family="linear_ce", name="torch_module", description="F.linear + nn.CrossEntropyLoss")
 def linear_ce_module(hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
     loss = _module(nn.CrossEntropyLoss, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
     return loss(F.linear(hidden, weight, bias), target)
 
 
-@register(family="linear_ce", name="torch_composed", description="matmul + log_softmax + gather")
+@builtin(family="linear_ce", name="torch_composed", description="matmul + log_softmax + gather")
 def linear_ce_composed(hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean",
                        label_smoothing=0.0):
     logits = hidden @ weight.t()
@@ -181,7 +181,7 @@ def _linear_ce_fn(hidden, weight, target, bias, ignore_index, reduction, label_s
                            reduction=reduction, label_smoothing=label_smoothing)
 
 
-@register(family="linear_ce", name="torch_compile", compiles=True,
+@builtin(family="linear_ce", name="torch_compile", compiles=True,
           description="torch.compile(F.linear + F.cross_entropy)")
 def linear_ce_compile(hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
     return _compile("linear_ce", _linear_ce_fn)(hidden, weight, target, bias, ignore_index, reduction, label_smoothing)
@@ -193,6 +193,6 @@ def _jsd_fn(log_q, log_p, label, beta, ignore_index, reduction):
                                  reduction=reduction)
 
 
-@register(family="jsd", name="torch_compile", compiles=True, description="torch.compile of the primitives' JSD")
+@builtin(family="jsd", name="torch_compile", compiles=True, description="torch.compile of the primitives' JSD")
 def jsd_compile(log_q, log_p, *, label=None, beta=0.5, ignore_index=-100, reduction="batchmean"):
     return _compile("jsd", _jsd_fn)(log_q, log_p, label, beta, ignore_index, reduction)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..registry import register
+from ..implementation import builtin
 
 NEEDS_GROUP = ("vocab_parallel splits the vocabulary across the ranks of a torch.distributed process group: "
                "run under torchrun with 2 or more ranks")
@@ -109,7 +109,7 @@ class _VocabParallelCE(torch.autograd.Function):
         return full, None, None, None
 
 
-@register(family="ce", name="vocab_parallel", unsupported=("weight", "label_smoothing", "target=prob", "spatial"),
+@builtin(family="ce", name="vocab_parallel", unsupported=("weight", "label_smoothing", "target=prob", "spatial"),
           collective=True, description="vocabulary split across the process group's ranks (3 all-reduces, "
                                        "an all-gather of the gradient)")
 def vocab_parallel(logits, target, *, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):

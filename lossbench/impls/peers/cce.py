@@ -13,7 +13,7 @@ Its loss is float32 for any input dtype; torch returns the input dtype, so the a
 """
 from __future__ import annotations
 
-from ...registry import register
+from ...implementation import builtin
 
 IMPORT_ERROR: str | None = None
 try:
@@ -45,7 +45,7 @@ def _raise_recompile_limits() -> None:
 
 if IMPORT_ERROR is None:
 
-    @register(family="linear_ce", name="cce", devices=("cuda", "cpu"), unsupported=("bias", "label_smoothing"),
+    @builtin(family="linear_ce", name="cce", devices=("cuda", "cpu"), unsupported=("bias", "label_smoothing"),
               compiles=True,
               description='cut_cross_entropy.linear_cross_entropy: impl="cce" (Triton, filter_eps="high") on '
                           'CUDA, impl="torch_compile" on CPU; no bias, no label smoothing')

@@ -35,7 +35,7 @@ import os
 
 import torch
 
-from ...registry import register
+from ...implementation import builtin
 
 IMPORT_ERROR: str | None = None
 try:
@@ -112,7 +112,7 @@ _EMPTY_MEAN = ("liger returns 0 (torch: NaN with a zero gradient) for a mean ove
 
 if IMPORT_ERROR is None:
 
-    @register(family="ce", name="liger", devices=("cuda", "cpu"), triton=True, unsupported=("target=prob", "spatial"),
+    @builtin(family="ce", name="liger", devices=("cuda", "cpu"), triton=True, unsupported=("target=prob", "spatial"),
               mutates_inputs=True, grad_in_forward=True, compiles=True,
               description="liger_kernel cross_entropy (LigerCrossEntropyFunction; the gradient is written "
                           "into the logits during forward)")
@@ -134,7 +134,7 @@ if IMPORT_ERROR is None:
         return _call(logits, liger_cross_entropy, logits, target, weight=weight, ignore_index=ignore_index,
                      reduction=reduction, label_smoothing=float(label_smoothing))
 
-    @register(family="kl", name="liger", devices=("cuda", "cpu"), triton=True, compiles=True,
+    @builtin(family="kl", name="liger", devices=("cuda", "cpu"), triton=True, compiles=True,
               convention=f"target clamped at eps={KL_EPS:.3g} inside the log (liger's default eps: 1e-10)",
               description=f"liger_kernel kl_div (LigerKLDivLossFunction); clamps target at eps={KL_EPS:.3g} "
                           "(liger's default 1e-10) inside the log; float32 loss cast to the input dtype")
@@ -152,7 +152,7 @@ if IMPORT_ERROR is None:
             out = out.view(shape)
         return out.to(input.dtype)
 
-    @register(family="linear_ce", name="liger", devices=("cuda", "cpu"), triton=True, grad_in_forward=True, compiles=True,
+    @builtin(family="linear_ce", name="liger", devices=("cuda", "cpu"), triton=True, grad_in_forward=True, compiles=True,
               description="liger_kernel fused_linear_cross_entropy (chunked; gradients computed in forward "
                           "except for reduction=none); float32 loss cast to the input dtype")
     def liger_linear_ce(hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean",
@@ -166,7 +166,7 @@ if IMPORT_ERROR is None:
                     ignore_index=ignore_index, label_smoothing=float(label_smoothing), reduction=reduction)
         return out.to(hidden.dtype)
 
-    @register(family="jsd", name="liger", devices=("cuda", "cpu"), triton=True, grad_in_forward=True, compiles=True,
+    @builtin(family="jsd", name="liger", devices=("cuda", "cpu"), triton=True, grad_in_forward=True, compiles=True,
               unsupported=("reduction=none", "reduction=sum"),
               description="liger_kernel jsd (LigerJSDFunction; loss and gradient in forward, beta a compile-time "
                           "constant)")
