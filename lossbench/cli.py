@@ -13,17 +13,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import quiet_exit, registry, run, store, suites
+from . import nightly, quiet_exit, registry, run, store, suites
 from .errors import UsageError
+from .exit_codes import FAILED, INTERRUPTED, OK, USAGE
 from .families import FAMILIES
 from .ab import command as ab_command
 from .runners.pairing import MIN_BLOCKS
 from .report import ab as ab_report
-from .report import compare, history, nightly, run_report
+from .report import compare, compare_render, history_render, run_report, runs
 from .report.kernels import kernel_table
 from .report.table import family_tables
-
-EXIT_USAGE, EXIT_FAILED_ROWS, EXIT_INTERRUPTED = 2, 1, 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -89,9 +88,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     outcome = run.execute(spec, args.out, resume=args.resume, force=args.force, timeout_s=args.timeout,
                           in_process=args.in_process, err=_console(stderr=True))
     if not outcome.writer:  # a torchrun rank other than 0: rank 0 wrote the run and reports it
-        return EXIT_INTERRUPTED if outcome.state == "interrupted" else 0
+        return INTERRUPTED if outcome.state == "interrupted" else OK
     if outcome.state == "interrupted":
-        return EXIT_INTERRUPTED
+        return INTERRUPTED
     df = outcome.rows()
     out = _console()
     for table in family_tables(df):
@@ -99,7 +98,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     counts = run.status_counts(df)
     out.print(f"{len(df)} rows ({outcome.measured} measured in {outcome.elapsed_s:.1f} s; "
               f"{', '.join(f'{n} {s}' for s, n in counts.items())}); results: {outcome.path}")
-    return EXIT_FAILED_ROWS if set(counts) & set(run.FAILED) else 0
+    return FAILED if set(counts) & set(run.FAILED) else OK
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -113,12 +112,12 @@ def cmd_list(args: argparse.Namespace) -> int:
                       ",".join(impl.unsupported) or "-", "yes" if impl.mutates_inputs else "-",
                       "yes" if impl.grad_in_forward else "-", impl.description)
     _console().print(table)
-    return 0
+    return OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     run_report.report(args.runs, args.results, args.out, _console(), threshold_pct=args.threshold, force=args.force)
-    return 0
+    return OK
 
 
 def cmd_kernels(args: argparse.Namespace) -> int:
@@ -142,7 +141,7 @@ def cmd_kernels(args: argparse.Namespace) -> int:
             rows = aot.resource_table(archs, kernels, progress=advance)
         except RuntimeError as exc:  # a variant that does not compile, or no cuobjdump: a defect, not bad input
             print(f"lossbench: error: {str(exc).splitlines()[0]}", file=sys.stderr)
-            return EXIT_FAILED_ROWS
+            return FAILED
     df = aot.format_rows(rows)
     _console().print(kernel_table(df))
     spills = df[df["spill_bytes"] > 0]
@@ -151,15 +150,15 @@ def cmd_kernels(args: argparse.Namespace) -> int:
                         if len(spills) else ""))
     if args.json:
         Path(args.json).write_text(df.to_json(orient="records", indent=1))
-    return 0
+    return OK
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     threshold = compare.threshold_from_pct(args.threshold, compare.DEFAULT_THRESHOLD_PCT)
-    base, head = compare.load_run(args.base, args.results), compare.load_run(args.head, args.results)
+    base, head = runs.load_run(args.base, args.results), runs.load_run(args.head, args.results)
     cmp = compare.compare(base, head, threshold, force=args.force,
-                          history=compare.history_for(base, head, args.results))
-    compare.write(cmp, _console(), args.markdown, args.json)
+                          history=runs.history_for(base, head, args.results))
+    compare_render.write(cmp, _console(), args.markdown, args.json)
     return cmp.exit_code()
 
 
@@ -186,7 +185,7 @@ def cmd_ab(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    return history.history(args.results, run.csv(args.family), run.csv(args.impl), args.out, _console())
+    return history_render.history(args.results, run.csv(args.family), run.csv(args.impl), args.out, _console())
 
 
 def _add_selection(p: argparse.ArgumentParser, suite_default: str | None = None) -> None:
@@ -328,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(args)
     except UsageError as exc:
         print(f"lossbench: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return USAGE
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The one exception type the CLI turns into a one-line message and exit status 2."""
+"""The one exception type the CLI turns into a one-line message and exit status 2 (exit_codes.USAGE)."""
 
 
 class UsageError(Exception):

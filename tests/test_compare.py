@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from lossbench.cli import main
-from lossbench.report import compare
-from lossbench.report.compare import Run
+from lossbench.report import compare, runs, statistics
+from lossbench.report.runs import Run
 
 IMPLS = ["torch_module", "torch_functional", "torch_composed", "torch_compile", "fused"]
 
@@ -110,7 +110,7 @@ def test_a_burst_slowing_neighbouring_rows_is_not_a_regression(monkeypatch):
     head = _run(_rows(seed=8, burst=(60, 90, 1.8)))  # 31 consecutive rows 1.8x slower
     cmp = compare.compare(base, head)
     assert not cmp.regressed()
-    monkeypatch.setattr(compare, "DRIFT_WINDOW", 0)  # no neighbours: each row on its own
+    monkeypatch.setattr(statistics, "DRIFT_WINDOW", 0)  # no neighbours: each row on its own
     assert compare.compare(base, head).regressed()
 
 
@@ -257,9 +257,9 @@ def test_history_comes_from_earlier_comparable_runs(tmp_path):
     for i, torch_version in enumerate(["2.13.0", "2.13.0", "2.14.0", "2.13.0", "2.13.0"]):
         _write(tmp_path, _rows(n_cases=2, seed=i, torch_version=torch_version), f"2026010{i}T000000Z-aaaaaa")
     (tmp_path / "20260100T000000Z-broken.jsonl").write_text("garbage\n")
-    base = compare.load_run("20260101T000000Z-aaaaaa", tmp_path)
-    head = compare.load_run("20260103T000000Z-aaaaaa", tmp_path)
-    ids = {r.run_id for r in compare.history_for(base, head, tmp_path)}
+    base = runs.load_run("20260101T000000Z-aaaaaa", tmp_path)
+    head = runs.load_run("20260103T000000Z-aaaaaa", tmp_path)
+    ids = {r.run_id for r in runs.history_for(base, head, tmp_path)}
     assert ids == {"20260100T000000Z-aaaaaa", "20260101T000000Z-aaaaaa"}  # earlier, same torch; no later run
 
 
@@ -301,7 +301,7 @@ def test_a_row_measured_while_the_host_slowed_is_paced_by_its_evictions(monkeypa
     t = _verdicts(compare.compare(base, head)).reset_index(drop=True)
     reg = t[t["verdict"] == "regressed"]
     assert list(reg["case"]) == [head.rows["label"][117]] and list(reg["impl"]) == [head.rows["impl"][117]]
-    monkeypatch.setattr(compare, "PACE", False)
+    monkeypatch.setattr(statistics, "PACE", False)
     t = _verdicts(compare.compare(base, head))
     assert head.rows["label"][52] in set(t[t["verdict"] == "regressed"]["case"])
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from lossbench.cli import main
-from lossbench.report import history
+from lossbench.report import history, history_render
 from lossbench.report.history import Metric, find_steps
 
 BASE = Path(__file__).resolve().parent.parent / "results" / "20261201T141457Z-3f63ca"
@@ -102,7 +102,7 @@ def ok_rows(family, impl):
 
 def test_exactly_the_planted_changes_between_the_right_runs(planted):
     _, h = planted
-    t = h.table
+    t = history_render.change_table(h.changes)
     got = {(r["metric"], r["change"], r["family"], r["impl"], r["last run before"], r["first run after"])
            for _, r in t.iterrows()}
     step3 = (f"{run_id(2)} ({sha(2)[:7]})", f"{run_id(3)} ({sha(3)[:7]})")
@@ -172,7 +172,7 @@ def test_everything_slower_is_one_run_wide_change(tmp_path):
         if i >= 3:
             _scale_time(r, 1.2)
     write_history(tmp_path, n_runs=6, seed=3, edit=everything)
-    t = history.analyse(tmp_path).table
+    t = history_render.change_table(history.analyse(tmp_path).changes)
     assert len(t) == 1, t
     r = t.iloc[0]
     assert (r["metric"], r["impl"], r["change"]) == ("time", history.RUN_WIDE, "regressed")
@@ -188,7 +188,7 @@ def test_runs_that_are_not_comparable_never_share_a_series(tmp_path):
     write_history(tmp_path, n_runs=6, seed=4, edit=upgrade)
     h = history.analyse(tmp_path)
     assert h.runs["group"].nunique() == 2
-    assert h.table.empty  # three runs on each side, in separate series: nothing to compare across
+    assert h.changes.empty  # three runs on each side, in separate series: nothing to compare across
 
 
 def test_cli_prints_the_table_and_writes_the_report(planted, tmp_path, capsys):

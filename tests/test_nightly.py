@@ -7,7 +7,7 @@ import pytest
 
 from lossbench import run
 from lossbench.cli import main
-from lossbench.report import nightly
+from lossbench import nightly
 from test_compare import _rows
 
 PLUGIN = str(Path(__file__).with_name("adjustable_impl.py"))

@@ -10,7 +10,7 @@ import matplotlib.image
 import pytest
 
 from lossbench.cli import main
-from lossbench.report.run_report import RUN_ID
+from lossbench.report.runs import RUN_ID
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 QUICK = "20261201T133813Z-c8814a"        # quick suite, CPU: no pct_peak_bw in any row

@@ -5,10 +5,9 @@ from pathlib import Path
 
 from rich.console import Console
 
+from ..exit_codes import INTERRUPTED
 from ..report import ab as ab_report
 from . import session
-
-EXIT_INTERRUPTED = 130
 
 
 def ab(spec: dict, base: str | None, head: str | None, results: str | Path, *, threshold: float,
@@ -19,7 +18,7 @@ def ab(spec: dict, base: str | None, head: str | None, results: str | Path, *, t
                           resume=resume, timeout_s=timeout_s, budget_s=budget_s, min_blocks=min_blocks, passes=passes,
                           seed=seed, err=err)
     if outcome.state != "complete":
-        return EXIT_INTERRUPTED
+        return INTERRUPTED
     cmp = ab_report.verdicts(outcome.path, threshold)
     ab_report.write(cmp, console, markdown_path, json_path)
     console.print(f"{outcome.measured} unit passes measured in {outcome.elapsed_s:.1f} s; rows: {outcome.path}")

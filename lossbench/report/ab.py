@@ -11,7 +11,7 @@ time: per row, the paired log-ratios of its rounds (head over base, runners/pair
   regressed / improved: q < ALPHA and the change beyond the threshold; unchanged: the CI inside it;
   inconclusive: neither. No neighbour drift and no history as in compare: the two sides were sampled in
   the same rounds, so the machine's state is in both.
-memory, accuracy, status: as in compare (the same functions).
+memory, accuracy, status: as in compare (the same functions: verdicts.py).
 """
 from __future__ import annotations
 
@@ -26,9 +26,11 @@ from scipy import stats
 from ..ab.session import SIDES, rows_by_side
 from ..errors import UsageError
 from ..runners import pairing
-from . import compare
+from . import compare_render
+from .runs import Run, keyed
+from .statistics import ALPHA
+from .verdicts import Comparison, by_severity, row_verdicts, verdict
 
-ALPHA = compare.ALPHA
 # ab's --threshold default, lower than compare's 5%: the paired samples resolve a row's change to about
 # +-1-2% (95% CI) on the 2-core host this was built on, and a threshold at the change a user wants caught
 # catches only half of it (a 5% slowdown judged at 5%: 50% at best). At 3% the calibration
@@ -36,26 +38,18 @@ ALPHA = compare.ALPHA
 DEFAULT_THRESHOLD_PCT = 3.0
 
 
-def verdicts(path: str | Path, threshold: float) -> compare.Comparison:
+def verdicts(path: str | Path, threshold: float) -> Comparison:
     base_rows, head_rows = rows_by_side(path)
     if base_rows.empty or head_rows.empty:
         raise UsageError(f"{path}: one side has no rows (the run stopped before its first unit?)")
     name = Path(path).stem
-    base = compare.Run(f"base@{_sha(base_rows)}", f"{name} base", base_rows, Path(path))
-    head = compare.Run(f"head@{_sha(head_rows)}", f"{name} head", head_rows, Path(path))
-    b, h = compare._keyed(base_rows), compare._keyed(head_rows)
+    base = Run(f"base@{_sha(base_rows)}", f"{name} base", base_rows, Path(path))
+    head = Run(f"head@{_sha(head_rows)}", f"{name} head", head_rows, Path(path))
+    b, h = keyed(base_rows), keyed(head_rows)
     both = pd.merge(b, h, left_index=True, right_index=True, suffixes=("_b", "_h"))
-    out = [compare._one_sided(r, "missing") for _, r in b.loc[b.index.difference(h.index)].iterrows()]
-    out += [compare._one_sided(r, "added") for _, r in h.loc[h.index.difference(b.index)].iterrows()]
-    for _, r in both.iterrows():
-        out += compare._status_verdict(r)
-        if r["status_b"] == "ok" and r["status_h"] == "ok":
-            out += compare._memory_verdict(r, threshold) + compare._accuracy_verdict(r)
+    out = row_verdicts(b, h, both, threshold)
     timed, noise = _time_verdicts(both, threshold)
-    v = pd.concat([pd.DataFrame(out), timed], ignore_index=True)
-    v["_rank"] = v["verdict"].map(compare.VERDICTS.index)
-    v = v.sort_values(["_rank", "severity"], ascending=[True, False], kind="stable")
-    return compare.Comparison(base, head, threshold, v.drop(columns="_rank").reset_index(drop=True), noise)
+    return Comparison(base, head, threshold, by_severity(out, timed), noise)
 
 
 def _sha(rows: pd.DataFrame) -> str:
@@ -104,7 +98,7 @@ def _time_verdicts(both: pd.DataFrame, threshold: float) -> tuple[pd.DataFrame, 
                 f"{100 * s.sd_log:.2g}%")
         if v == "inconclusive":
             note += "; more passes (--passes) or blocks (--budget) narrow the interval"
-        out.append(compare._verdict(r, "time", v, float(r["time_median_ms_b"]), float(r["time_median_ms_h"]),
+        out.append(verdict(r, "time", v, float(r["time_median_ms_b"]), float(r["time_median_ms_h"]),
                                     s.ratio, s.ci_low, s.ci_high, s.p, float(qi), note=note, severity=abs(med)))
     noise = {}
     df = pd.DataFrame({"device": [r["device_h"] for r, _, _, _ in recs], "sd": [s.sd_log for _, s, _, _ in recs],
@@ -132,7 +126,7 @@ def _ids(r: pd.Series, col: str, suffix: str) -> list[int]:
     return ids if isinstance(ids, list) else [0] * len(r["pair_round" + suffix])
 
 
-def summary_lines(cmp: compare.Comparison) -> list[str]:
+def summary_lines(cmp: Comparison) -> list[str]:
     counts = ", ".join(f"{n} {v}" for v, n in cmp.counts().items())
     lines = [f"{cmp.base.name} -> {cmp.head.name}: threshold {cmp.threshold * 100:g}%, paired rounds, "
              f"false-discovery rate {ALPHA:g} over time rows; {counts}"]
@@ -144,14 +138,14 @@ def summary_lines(cmp: compare.Comparison) -> list[str]:
     return lines
 
 
-def write(cmp: compare.Comparison, console: Console, markdown_path: str | None = None,
+def write(cmp: Comparison, console: Console, markdown_path: str | None = None,
           json_path: str | None = None) -> None:
-    df = compare.display_frame(cmp)
+    df = compare_render.display_frame(cmp)
     lines = summary_lines(cmp)
     if df.empty:
         console.print(lines[0])
     else:
-        console.print(compare.terminal_table(cmp, title="lossbench ab: " + lines[0]))
+        console.print(compare_render.terminal_table(cmp, title="lossbench ab: " + lines[0]))
     for line in lines[1:]:
         console.print(line)
     if markdown_path:
@@ -160,7 +154,7 @@ def write(cmp: compare.Comparison, console: Console, markdown_path: str | None =
     if json_path:
         import json
 
-        data = compare.to_json(cmp)
+        data = compare_render.to_json(cmp)
         data.update(base=cmp.base.name, head=cmp.head.name, paired=True)
         Path(json_path).write_text(json.dumps(data, indent=1))
 

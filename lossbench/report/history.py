@@ -1,7 +1,7 @@
 """`lossbench history`: every row's trend over the runs in a results folder, and the changes in it.
 
 A series is one row (records.KEY: device, family, implementation, case, dtype, mode) over the runs of one
-comparability group (report.compare.VERSIONS: device name, torch, triton and CUDA versions, threads; the
+comparability group (report.runs.VERSIONS: device name, torch, triton and CUDA versions, threads; the
 commit may differ, that is what the history follows). Runs are ordered by time. A series never mixes
 groups: a torch upgrade starts new series. Three metrics: time (time_median_ms, a run-level median),
 memory (extra_mem_bytes, with extra_mem_max_bytes as the run's range) and accuracy (grad_row_err_max,
@@ -22,14 +22,14 @@ then the smallest effect, then the weakest evidence) and the rest are judged aga
     still holds without the run nearest to it: a single-run outlier is never a change;
   - minimum effect between the segments' medians: time 5% (compare's default threshold), in the
     neighbour-relative times and in the row's own times; memory 5% and more than one allocator block
-    (compare.ALLOC_BLOCK: 1 MiB on the CPU, 512 B on CUDA), clearing the other side's range over its
-    repeated calls (extra_mem_max_bytes, as compare); accuracy more than 2x (compare.ACCURACY_GROWTH);
+    (statistics.ALLOC_BLOCK: 1 MiB on the CPU, 512 B on CUDA), clearing the other side's range over its
+    repeated calls (extra_mem_max_bytes, as compare); accuracy more than 2x (statistics.ACCURACY_GROWTH);
   - significance given the series' noise: the difference of the segments' medians against the series'
     run-to-run deviation (robust, from consecutive differences; at least the group's typical one;
     Student's t with the series' degrees of freedom where its own estimate decides), p < ALPHA.
 Steps that coincide (one implementation, the same two runs, the same direction) are pooled into one
 test (Stouffer) and one line of the table, then false-discovery control (Benjamini-Hochberg at
-compare.ALPHA) runs over the pooled tests and every series without a step. On the committed runs
+statistics.ALPHA) runs over the pooled tests and every series without a step. On the committed runs
 (results/: 11 runs, 5 of them nightly-suite runs of one commit), no change is reported between runs of
 the same commit.
 
@@ -51,23 +51,18 @@ permutation test to seed), and its min_size enforces the persistence rule inside
 """
 from __future__ import annotations
 
-import datetime as dt
-import json
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from rich.console import Console
-from rich.table import Table
 from scipy import stats
 
-from .. import importers, store
 from ..errors import UsageError
-from .compare import ACCURACY_GROWTH, ALLOC_BLOCK, ALPHA, VERSIONS, _keyed, _local_drift, _norm
-from .page import Section, write_report
+from . import runs
+from .runs import VERSIONS, norm
+from .statistics import ACCURACY_GROWTH, ALPHA, alloc_block, local_drift, robust_sd
 
 PERSIST = 2                  # runs a step must hold on each side: one bad run is never a change
 TIME_EFFECT = 1.05           # compare's default threshold (5%)
@@ -100,50 +95,11 @@ class Step:
     p: float       # before false-discovery control
 
 
-# --- loading -----------------------------------------------------------------------------------------
-def load_runs(results_dir: str | Path) -> pd.DataFrame:
-    """Every row of every run file in the folder, with its key and measurement order; bad input (no runs, a
-    corrupt file) is a UsageError naming it."""
-    folder = Path(results_dir)
-    if folder.is_dir() and importers.kind(folder):  # asv's results, a folder of pytest-benchmark files
-        return pd.concat([_keyed(df).reset_index() for df in importers.runs(folder)], ignore_index=True)
-    files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
-    if not files:
-        raise UsageError(f"no runs in {str(results_dir)!r} (no <run_id>.jsonl files)")
-    return pd.concat([_load_run_file(f) for f in files], ignore_index=True)
-
-
-def _load_run_file(path: Path) -> pd.DataFrame:
-    _check_meta(path.with_suffix(".meta.json"))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        df = store.load_results(path)
-    if df.empty:
-        raise UsageError(f"{path} is corrupt: no result rows")
-    for w in caught:  # a torn last line (a killed run) keeps the rows around it: say so, go on
-        warnings.warn(str(w.message), stacklevel=2)
-    df["run_id"] = df["run_id"].fillna(path.stem)
-    # compare's keys and measurement order (a row's neighbours); a resumed row replaces its first try
-    return _keyed(df).reset_index()
-
-
-def _check_meta(path: Path) -> None:
-    """A run's meta file, where there is one, must be a JSON object; its contents are not needed (the rows
-    carry their provenance, and early runs' meta files have no plan)."""
-    if not path.is_file():
-        return
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        meta = None
-    if not isinstance(meta, dict):
-        raise UsageError(f"{path} is corrupt: not a JSON object")
-
 
 def _group_label(r: pd.Series) -> str:
-    """What makes runs comparable (compare.VERSIONS), as text: one label per series group."""
+    """What makes runs comparable (runs.VERSIONS), as text: one label per series group."""
     parts = [f"{r['device']} {r['device_name']}", f"torch {r['torch_version']}"]
-    parts += [f"{name} {_norm(r[f'{name}_version'])}" for name in ("triton", "cuda") if _norm(r[f"{name}_version"])]
+    parts += [f"{name} {norm(r[f'{name}_version'])}" for name in ("triton", "cuda") if norm(r[f"{name}_version"])]
     return ", ".join(parts + [f"{str(r['threads']).removesuffix('.0')} threads"])
 
 
@@ -152,7 +108,7 @@ def with_groups(df: pd.DataFrame) -> pd.DataFrame:
     commit and time."""
     df = df.copy()
     for col in VERSIONS:
-        df[col] = df[col].map(_norm)
+        df[col] = df[col].map(norm)
     cols = ["device", *VERSIONS]
     combos = df[cols].drop_duplicates()
     combos["group"] = [_group_label(r) for _, r in combos.iterrows()]
@@ -190,7 +146,7 @@ def neighbour_drift(d: np.ndarray) -> np.ndarray:
     own), over all its neighbours. A burst on the shared machine slows the rows measured in the same
     seconds, not the whole run; a slower implementation stands apart from its neighbours, the other
     implementations of the same case (runs are measured case by case)."""
-    return _local_drift(d, np.arange(len(d)))  # every row its own group: no neighbour is left out
+    return local_drift(d, np.arange(len(d)))  # every row its own group: no neighbour is left out
 
 
 def local_levels(dev: pd.DataFrame) -> pd.Series:
@@ -222,7 +178,7 @@ def points(df: pd.DataFrame, dev: pd.DataFrame) -> pd.DataFrame:
 # --- change points on one series --------------------------------------------------------------------------
 def block_of(device: str, metric: str) -> float:
     """The smallest absolute memory step that counts (an allocator block); 0 for other metrics."""
-    return float(ALLOC_BLOCK.get(str(device).split(":")[0], 4096)) if metric == "memory" else 0.0
+    return alloc_block(device) if metric == "memory" else 0.0
 
 
 def signal(values: np.ndarray, metric: str, block: float = 0.0) -> np.ndarray:
@@ -241,7 +197,7 @@ def own_noise(sig: np.ndarray) -> float:
     step (one large difference) and an outlier (two) barely move it."""
     if len(sig) < 3:
         return math.nan
-    return float(1.4826 * np.median(np.abs(np.diff(sig))) / math.sqrt(2))
+    return robust_sd(np.diff(sig), center=0.0) / math.sqrt(2)
 
 
 def _ratio(before: float, after: float) -> float:
@@ -470,157 +426,7 @@ def _change_row(s: Series, st: Step) -> dict:
             "after_run": s.run_ids[i], "after_sha": s.shas[i], "after_pos": int(s.pos[i])}
 
 
-# --- the table of changes ----------------------------------------------------------------------------------
-def change_table(ch: pd.DataFrame) -> pd.DataFrame:
-    """The changes with coinciding steps (LINE) as one line each."""
-    if ch.empty:
-        return pd.DataFrame(columns=["metric", "change", "device", "family", "impl", "series", "ratio",
-                                     "last run before", "first run after", "q"])
-    lines = []
-    for k, g in ch.groupby(LINE, sort=False):
-        r = dict(zip(LINE, k))
-        lo, mid, hi = g["ratio"].min(), g["ratio"].median(), g["ratio"].max()
-        lines.append({
-            "metric": r["metric"], "change": r["direction"], "device": r["group"], "family": r["family"],
-            "impl": r["impl"],
-            "series": "every row of the runs" if r["impl"] == RUN_WIDE else
-                      f"{len(g)}: {g['case'].nunique()} cases x {', '.join(sorted(g['mode'].unique()))}",
-            "ratio": _fmt_ratio(mid) + (f" ({_fmt_ratio(lo)}-{_fmt_ratio(hi)})" if len(g) > 1 else ""),
-            "last run before": f"{r['before_run']} ({r['before_sha']})",
-            "first run after": f"{r['after_run']} ({r['after_sha']})",
-            "q": _fmt_q(g["q"].max()), "_order": (list(METRICS).index(r["metric"]), r["direction"] != "regressed",
-                                                   -abs(math.log(max(mid, 1e-300)))),
-        })
-    return pd.DataFrame(lines).sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
-
-
-def _fmt_q(q: float) -> str:
-    return "<0.0001" if q < 1e-4 else f"{q:.2g}"
-
-
-def _fmt_ratio(x: float) -> str:
-    return "inf" if math.isinf(x) else f"x{x:.3g}"
-
-
-def terminal_table(table: pd.DataFrame, title: str) -> Table:
-    t = Table(title=title, title_justify="left")
-    for col in table.columns:
-        t.add_column(col, overflow="fold")
-    for _, r in table.iterrows():
-        style = "bold red" if r["change"] == "regressed" else "green"
-        t.add_row(*[f"[{style}]{r[c]}[/]" if c == "change" else str(r[c]) for c in table.columns])
-    return t
-
-
-# --- plots -------------------------------------------------------------------------------------------------
-def _pyplot():
-    """seaborn and pyplot with the Agg backend (set before pyplot is imported: no display on CI)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import seaborn as sns
-    except ImportError as exc:
-        raise UsageError(f"lossbench history draws with seaborn and matplotlib: pip install -e '.[plots]' ({exc})") \
-            from None
-    return plt, sns
-
-
-def _ticks(pts: pd.DataFrame) -> tuple[list[int], list[str]]:
-    runs = pts[["pos", "run_id", "sha"]].drop_duplicates("pos").sort_values("pos")
-    return list(runs["pos"]), [f"{s} {r}" for r, s in zip(runs["run_id"], runs["sha"])]
-
-
-def _plot_values(pts: pd.DataFrame, metric: str) -> pd.Series:
-    """What the plot shows: time and memory relative to the row's median over the runs (cases differ by
-    orders of magnitude), errors as they are (log axis)."""
-    if metric == "accuracy":
-        return pts["accuracy"].clip(lower=1e-12, upper=1e3)
-    raw = pts["time_median_ms"].astype(float) if metric == "time" else pts["memory"]
-    floor = pts["device"].map(lambda d: block_of(d, "memory")) if metric == "memory" else 0.0
-    med = raw.groupby([pts["group"], pts["key"]]).transform("median")
-    return (raw + floor) / (med + floor)
-
-
-def _mark_changes(ax, ch: pd.DataFrame) -> None:
-    for _, c in ch.drop_duplicates(["after_pos", "direction"]).iterrows():
-        ax.axvline(c["after_pos"] - 0.5, color="tab:red" if c["direction"] == "regressed" else "tab:green",
-                   linestyle="--", linewidth=1.5)
-
-
-def family_figure(pts: pd.DataFrame, metric: str, ch: pd.DataFrame, levels: pd.DataFrame):
-    """One family on one group: a panel per implementation, a line per case (colour) and mode (dashes),
-    the steps as vertical lines (red: regressed, green: improved) between the last run before and the
-    first after. Panels drawn one by one (not relplot, whose layout passes cost seconds per figure)."""
-    plt, sns = _pyplot()
-    data = pts.assign(y=_plot_values(pts, metric))
-    impls = sorted(data["impl"].unique())
-    ncols = min(3, len(impls))
-    nrows = math.ceil(len(impls) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.8 * ncols, 4.2 * nrows), squeeze=False,
-                             sharey=metric != "accuracy", layout="constrained")
-    palette = dict(zip(sorted(data["case"].unique()), sns.color_palette("husl", data["case"].nunique())))
-    pos, labels = _ticks(data)
-    for ax, impl in zip(axes.flat, impls):
-        sns.lineplot(data=data[data["impl"] == impl], x="pos", y="y", hue="case", style="mode", palette=palette,
-                     units="key", estimator=None, marker="o", ax=ax, legend=impl == impls[0])
-        _mark_changes(ax, ch[ch["impl"] == impl])
-        if metric == "time":  # the run-wide level each row is judged against
-            ax.plot(levels["pos"], np.exp(levels["level"]), color="black", linewidth=2, alpha=0.4)
-        ax.set(title=impl, xlabel="", ylabel=METRICS[metric].axis, yscale="log")  # ratios: up and down alike
-        ax.set_xticks(pos, labels, rotation=90, fontsize=6)
-    for ax in axes.flat[len(impls):]:
-        ax.set_visible(False)
-    legend = axes.flat[0].get_legend()
-    if legend:  # one legend for all panels, under them
-        handles, names = axes.flat[0].get_legend_handles_labels()
-        legend.remove()
-        fig.legend(handles, names, loc="outside lower center", ncol=3, fontsize=7, frameon=False)
-    return fig
-
-
-def level_figure(levels: pd.DataFrame, ch: pd.DataFrame):
-    plt, sns = _pyplot()
-    fig, ax = plt.subplots(figsize=(10, 3.5))
-    sns.lineplot(x=levels["pos"], y=np.exp(levels["level"]), marker="o", ax=ax, color="black")
-    _mark_changes(ax, ch)
-    pos, labels = _ticks(levels)
-    ax.set_xticks(pos, labels, rotation=90, fontsize=7)
-    ax.set_xlabel("run (commit, run id), oldest first")
-    ax.set(ylabel="run-wide time level", yscale="log")
-    return fig
-
-
-def sections(pts: pd.DataFrame, levels: pd.DataFrame, ch: pd.DataFrame) -> list[Section]:
-    out = []
-    for group, gl in levels.dropna(subset=["level"]).groupby("group"):
-        out.append(Section(f"Run-wide time level: {group}",
-                           "The median over each run's rows of their time relative to their own median over "
-                           "the runs: a burst that slows a whole run, or a change every row shares. Each row's "
-                           "time trend below is judged relative to it.",
-                           level_figure(gl, ch[(ch["group"] == group) & (ch["impl"] == RUN_WIDE)])))
-    for (group, family), g in pts.groupby(["group", "family"]):
-        for metric in METRICS:
-            data = g[g[metric].notna()]
-            if data.empty:
-                continue
-            c = ch[(ch["group"] == group) & (ch["family"] == family) & (ch["metric"] == metric)]
-            out.append(Section(f"{metric.capitalize()}: {family} on {group}", _FIGURE_TEXT[metric],
-                               family_figure(data, metric, c, levels[levels["group"] == group])))
-    return out
-
-
-_FIGURE_TEXT = {
-    "time": "Median time of each case and mode, relative to its own median over the runs; the grey line is the "
-            "run-wide level. Dashed lines: reported steps (red slower, green faster).",
-    "memory": "Peak extra memory of each case and mode, relative to its own median over the runs (plus one "
-              "allocator block, so an empty row stays finite). Dashed lines: reported steps.",
-    "accuracy": "Worst-row gradient error (loss error for forward-only rows) against the float64 reference, log "
-                "scale. Dashed lines: reported steps.",
-}
-
-
-# --- the command ----------------------------------------------------------------------------------------------
+# --- the analysis ---------------------------------------------------------------------------------------------
 def _select(pts: pd.DataFrame, families: list[str] | None, impls: list[str] | None) -> pd.DataFrame:
     for flag, col, names in (("--family", "family", families), ("--impl", "impl", impls)):
         unknown = sorted(set(names or ()) - set(pts[col]))
@@ -632,51 +438,19 @@ def _select(pts: pd.DataFrame, families: list[str] | None, impls: list[str] | No
     return pts
 
 
-def _rules_text() -> str:
-    return (f"A step is reported when it holds for at least {PERSIST} runs on each side (run by run), is "
-            f"beyond the minimum effect (time {100 * (TIME_EFFECT - 1):g}%; memory {100 * (MEMORY_EFFECT - 1):g}% "
-            f"and one allocator block; accuracy {ACCURACY_GROWTH:g}x) and is significant given the series' "
-            f"run-to-run noise (false-discovery rate {ALPHA:g} over all series of the metric). Steps of one "
-            "implementation between the same two runs are one line; 'series' counts them.")
-
-
 @dataclass
 class History:
     runs: pd.DataFrame       # every row of every run, with group, pos, sha
     levels: pd.DataFrame     # the run-wide time level per group and run
     points: pd.DataFrame     # the selected ok rows with their metrics
     changes: pd.DataFrame    # one line per series and step (CHANGE_COLUMNS)
-    table: pd.DataFrame      # the change table: coinciding steps as one line
 
 
 def analyse(results_dir: str | Path, families: list[str] | None = None, impls: list[str] | None = None,
             persist: int = PERSIST, pool: bool = True) -> History:
-    df = with_groups(load_runs(results_dir))
+    df = with_groups(runs.load_all(results_dir))
     dev = deviations(df)  # from every row, whatever the selection: a row's neighbours are the run's
     levels = run_levels(dev)
     pts = _select(points(df, dev), families, impls)
     ch = changes(all_series(pts, levels), persist, pool)
-    return History(df, levels, pts, ch, change_table(ch))
-
-
-def history(results_dir: str | Path, families: list[str] | None = None, impls: list[str] | None = None,
-            out_dir: str | Path = "reports/history", console: Console | None = None) -> int:
-    """`lossbench history`: the change table on the console, the trends and the table as a report."""
-    console = console or Console()
-    h = analyse(results_dir, families, impls)
-    n_runs, groups = h.runs["run_id"].nunique(), sorted(h.runs["group"].unique())
-    title = (f"lossbench history: {n_runs} runs in {len(groups)} comparable group{'s' * (len(groups) > 1)}; "
-             f"{len(h.table)} change{'s' * (len(h.table) != 1)}")
-    # One group (the usual case): named once below, so the table fits a terminal without folding run ids.
-    shown = h.table.drop(columns="device") if len(groups) == 1 else h.table
-    console.print(terminal_table(shown, title) if len(h.table) else title)
-    if len(groups) == 1:
-        console.print(f"group: {groups[0]}")
-    header = {"results": str(results_dir), "runs": str(n_runs), "groups": "; ".join(groups),
-              "period": f"{h.runs['started'].min()} to {h.runs['started'].max()}",
-              "selection": f"family {','.join(families or ['all'])}, impl {','.join(impls or ['all'])}",
-              "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    files = write_report(out_dir, "history", "lossbench history", header,
-                         [Section("Changes", _rules_text(), table=h.table), *sections(h.points, h.levels, h.changes)])
-    console.print(f"report: {files.html} and {files.markdown} ({len(files.pngs)} plots)")
-    return 0
+    return History(df, levels, pts, ch)

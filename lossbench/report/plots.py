@@ -429,7 +429,7 @@ def memory_changes_section(cmp) -> Section:
 
 
 def accuracy_changes_section(cmp) -> Section:
-    from .compare import ACCURACY_GROWTH
+    from .statistics import ACCURACY_GROWTH
     return _base_head_section(
         cmp, "accuracy", "Accuracy: head against base", "worst-row error",
         "One dot per row: its worst-row gradient error (loss error for fwd rows) in the base run and in the "

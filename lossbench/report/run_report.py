@@ -6,7 +6,6 @@ says which one it picked and among how many.
 """
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,51 +16,39 @@ from rich.console import Console
 from .. import importers, store
 from ..errors import UsageError
 from ..records import STATUSES
-from . import compare
+from . import compare, compare_render, runs
 from .page import ReportFiles, Section, write_report
 from .table import family_tables
+from .verdicts import Comparison
 
-RUN_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]+$")  # records.new_run_id: sorts by time as text
 NAME = "report"  # report.html, report.md, report-NN-<section>.png in the output folder
 
 
 @dataclass
 class Picked:
-    run: compare.Run
+    run: runs.Run
     path: Path
     picked: str = ""  # how a folder was resolved: "latest of N runs in DIR"
 
 
 # --- which runs ---------------------------------------------------------------------------------------
-def runs_in(folder: Path) -> list[Path]:
-    """The run files of a folder, oldest first. Only <run_id>.jsonl files are runs: a copy, a torn
-    fragment or another tool's file would otherwise be taken for the latest run."""
-    files = sorted(folder.glob("*.jsonl"))
-    others = [f.name for f in files if not RUN_ID.match(f.stem)]
-    if others:
-        warnings.warn(f"{folder}: {len(others)} .jsonl file(s) not named <run_id>.jsonl are not taken as runs "
-                      f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); pass a file as RUN to report it",
-                      stacklevel=2)
-    return sorted((f for f in files if RUN_ID.match(f.stem)), key=lambda f: f.stem)
-
-
 def _latest(folder: Path) -> tuple[Path, str]:
     if importers.kind(folder):  # asv's results, pytest-benchmark's files: their run ids, not their names
         found = importers.indexed(folder)
         return found[-1][1], f"latest of {len(found)} {importers.kind(folder)} run{'s' * (len(found) > 1)} in {folder}/"
-    runs = runs_in(folder)
-    if not runs:
+    found = runs.run_files(folder)
+    if not found:
         raise UsageError(f"no run in {str(folder)!r} (no <run_id>.jsonl file)")
-    return runs[-1], f"latest of {len(runs)} run{'s' * (len(runs) > 1)} in {folder}/"
+    return found[-1], f"latest of {len(found)} run{'s' * (len(found) > 1)} in {folder}/"
 
 
-def _load(path: Path, results: str | Path) -> compare.Run:
-    """compare.load_run, with the loader's warnings held back until the file proves to be a run: a
+def _load(path: Path, results: str | Path) -> runs.Run:
+    """runs.load_run, with the loader's warnings held back until the file proves to be a run: a
     corrupt file is then one error line, not a warning and an error."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            run = compare.load_run(str(path), results)
+            run = runs.load_run(str(path), results)
         except UsageError as exc:
             if caught:
                 reason = str(caught[0].message).removeprefix(f"{path}: ").removesuffix(", skipped")
@@ -73,7 +60,7 @@ def _load(path: Path, results: str | Path) -> compare.Run:
 
 
 def pick(refs: list[str], results: str | Path) -> list[Picked]:
-    """Each RUN as compare.load_run resolves it (a run file or a run id under results), a folder as
+    """Each RUN as runs.load_run resolves it (a run file or a run id under results), a folder as
     its latest run; no RUN: the latest run under results."""
     if len(refs) > 2:
         raise UsageError(f"report takes one run (a run report) or two (a comparison), not {len(refs)}")
@@ -175,16 +162,16 @@ def run_sections(df: pd.DataFrame) -> list[Section]:
             plots.bandwidth_section(df), failed_section(df)]
 
 
-def comparison_sections(cmp: compare.Comparison) -> list[Section]:
+def comparison_sections(cmp: Comparison) -> list[Section]:
     plots = _plots()
     v = cmp.verdicts
     changed = v[(v["metric"] == "time") & (v["verdict"] != "unchanged")]
-    shown = compare.display_frame(cmp)
+    shown = compare_render.display_frame(cmp)
     samples = plots.raw_samples_section(cmp, changed)
     if samples.figure is not None:  # numbered as the panels are
         samples.table = shown[shown["metric"] == "time"].head(plots.MAX_SAMPLE_PANELS)
         samples.table.insert(0, "#", range(1, len(samples.table) + 1))
-    summary = Section("Verdicts", text="\n".join(compare.summary_lines(cmp)))
+    summary = Section("Verdicts", text="\n".join(compare_render.summary_lines(cmp)))
     table = Section("Every verdict other than unchanged", table=shown if len(shown) else None,
                     text="Most severe first, as lossbench compare prints them." if len(shown)
                     else "Every matched row is unchanged.")
@@ -210,8 +197,8 @@ def report(refs: list[str], results: str | Path = "results", out: str | Path | N
     else:
         base, head = picked[0].run, picked[1].run
         cmp = compare.compare(base, head, compare.threshold_from_pct(threshold_pct), force=force,
-                              history=compare.history_for(base, head, results))
-        for line in compare.summary_lines(cmp):
+                              history=runs.history_for(base, head, results))
+        for line in compare_render.summary_lines(cmp):
             console.print(line)
         name = f"{base.run_id}_vs_{head.run_id}"
         title, sections = f"lossbench comparison {base.run_id} → {head.run_id}", comparison_sections(cmp)

@@ -25,13 +25,16 @@ import sys
 import numpy as np
 import pandas as pd
 
+from .. import exit_codes
 from ..errors import UsageError
 from . import compare
+from .runs import Run, incompatibility, load_run
+from .verdicts import Comparison
 
 MIN_RUNS = 5
 
 
-def _resampled(run: compare.Run, rng: np.random.Generator) -> compare.Run:
+def _resampled(run: Run, rng: np.random.Generator) -> Run:
     """Every row's samples drawn with replacement; a sample keeps its eviction time (evict_ms)."""
     rows = run.rows.copy()
     raw, evict = [], []
@@ -47,13 +50,13 @@ def _resampled(run: compare.Run, rng: np.random.Generator) -> compare.Run:
     if has_evict:
         rows["evict_ms"] = evict
     rows["time_median_ms"] = [float(np.median(a)) if len(a) else None for a in raw]
-    return compare.Run(run.name, run.run_id, rows)
+    return Run(run.name, run.run_id, rows)
 
 
 IDENT = ["device", "family", "impl", "case", "dtype", "mode"]  # a time verdict's row, as compare names it
 
 
-def simulate(runs: list[compare.Run], *, resamples: int = 2, slowdown: float = 1.10, threshold: float = 0.05,
+def simulate(runs: list[Run], *, resamples: int = 2, slowdown: float = 1.10, threshold: float = 0.05,
              seed: int = 0, scope: str = "implementation", progress=None) -> dict:
     rng = np.random.default_rng(seed)
     pairs = list(itertools.permutations(range(len(runs)), 2))
@@ -99,12 +102,12 @@ def simulate(runs: list[compare.Run], *, resamples: int = 2, slowdown: float = 1
     }
 
 
-def _time(cmp: compare.Comparison) -> pd.DataFrame:
+def _time(cmp: Comparison) -> pd.DataFrame:
     v = cmp.verdicts
     return v[v["metric"] == "time"]
 
 
-def _slowed(run: compare.Run, mask: pd.Series, factor: float) -> compare.Run:
+def _slowed(run: Run, mask: pd.Series, factor: float) -> Run:
     """The rows under mask with every timed sample multiplied by factor (their evictions unchanged: a
     slower kernel does not slow the machine)."""
     rows = run.rows.copy()
@@ -112,7 +115,7 @@ def _slowed(run: compare.Run, mask: pd.Series, factor: float) -> compare.Run:
     rows.loc[mine, "raw_ms"] = pd.Series([[x * factor for x in a] for a in rows.loc[mine, "raw_ms"]],
                                          index=rows.index[mine], dtype=object)
     rows.loc[mine, "time_median_ms"] = rows.loc[mine, "time_median_ms"] * factor
-    return compare.Run(run.name, run.run_id, rows)
+    return Run(run.name, run.run_id, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if len(args.runs) < MIN_RUNS:
             raise UsageError(f"need at least {MIN_RUNS} runs of unchanged code, got {len(args.runs)}")
-        runs = [compare.load_run(r, args.results) for r in args.runs]
+        runs = [load_run(r, args.results) for r in args.runs]
         for r in runs[1:]:
-            diff = compare.incompatibility(runs[0], r)
+            diff = incompatibility(runs[0], r)
             if diff:
                 raise UsageError(f"runs are not comparable: {diff}")
         out = simulate(runs, resamples=args.resamples, slowdown=args.slowdown,
@@ -140,12 +143,12 @@ def main(argv: list[str] | None = None) -> int:
                        progress=lambda k, n: print(f"pair {k}/{n}", file=sys.stderr))
     except UsageError as exc:
         print(f"simulation: error: {exc}", file=sys.stderr)
-        return 2
+        return exit_codes.USAGE
     print(json.dumps(out, indent=1))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
-    return 0
+    return exit_codes.OK
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ The baseline is a small pointer file in the results folder, results/baseline.jso
     {"baselines": {"<device name>": {"run_id": ..., "git_sha": ..., "set_at": ...}}}
 one run per device name (a CPU model, a GPU model), so a CPU and a GPU job share one folder.
 
-Exit status: 0 clean (the baseline moves to this run), 1 a regression, 3 rows that failed to run
-(error / crash / oom / timeout), 4 no baseline yet for a device (this run becomes it), 2 bad input.
+Exit status (exit_codes): 0 clean (the baseline moves to this run), 1 a regression, 3 rows that failed to
+run (error / crash / oom / timeout), 4 no baseline yet for a device (this run becomes it), 2 bad input.
 A night with a regression or failed rows leaves the baseline where it was: the next night is
 compared with the same run, so a regression cannot become the new normal by being measured twice.
 
@@ -24,11 +24,11 @@ from pathlib import Path
 import pandas as pd
 from rich.console import Console
 
-from .. import devices, records, run, store
-from ..errors import UsageError
-from . import compare
+from . import devices, records, run, store
+from .errors import UsageError
+from .exit_codes import INTERRUPTED, NIGHTLY_FAILED_ROWS, NO_BASELINE, OK, REGRESSION
+from .report import compare, compare_render, runs
 
-EXIT_CLEAN, EXIT_REGRESSION, EXIT_FAILED_ROWS, EXIT_NO_BASELINE = 0, 1, 3, 4
 POINTER = "baseline.json"
 
 
@@ -62,11 +62,11 @@ def nightly(spec: dict, results_dir: str | Path, *, threshold: float, timeout_s:
     pointer = read_pointer(results_dir)  # bad input is refused before anything runs
     outcome = run.execute(spec, results_dir, timeout_s=timeout_s, err=err)
     if not outcome.writer:  # a torchrun rank other than 0: rank 0 compares and moves the baseline
-        return 0 if outcome.state == "complete" else 130
+        return OK if outcome.state == "complete" else INTERRUPTED
     if outcome.state != "complete":
-        return 130
+        return INTERRUPTED
     head_rows = outcome.rows()
-    head = compare.Run(outcome.run_id, outcome.run_id, head_rows)
+    head = runs.Run(outcome.run_id, outcome.run_id, head_rows)
     failed = head_rows[head_rows["status"].isin(run.FAILED)]
 
     comparisons, new_devices = [], []
@@ -75,21 +75,21 @@ def nightly(spec: dict, results_dir: str | Path, *, threshold: float, timeout_s:
         if entry is None:
             new_devices.append(name)
             continue
-        base = compare.load_run(entry["run_id"], results_dir)
+        base = runs.load_run(entry["run_id"], results_dir)
         base.rows = base.rows[base.rows["device_name"] == name].reset_index(drop=True)
-        mine = compare.Run(head.name, head.run_id, head_rows[head_rows["device_name"] == name].reset_index(drop=True))
+        mine = runs.Run(head.name, head.run_id, head_rows[head_rows["device_name"] == name].reset_index(drop=True))
         try:
             comparisons.append((name, compare.compare(base, mine, threshold,
-                                                      history=compare.history_for(base, mine, results_dir))))
+                                                      history=runs.history_for(base, mine, results_dir))))
         except UsageError as exc:  # a new torch, a new machine: exit 2; tonight's run is kept
             raise UsageError(f"{exc}; tonight's run {outcome.run_id} is kept: to make it the baseline, remove "
                              f"the entry {name!r} from {Path(results_dir) / POINTER}") from None
 
     regressed = any(c.regressed() for _, c in comparisons)
-    code = (EXIT_REGRESSION if regressed else EXIT_FAILED_ROWS if len(failed)
-            else EXIT_NO_BASELINE if new_devices else EXIT_CLEAN)
+    code = (REGRESSION if regressed else NIGHTLY_FAILED_ROWS if len(failed)
+            else NO_BASELINE if new_devices else OK)
     lines = _report(comparisons, new_devices, failed, outcome, code, console)
-    if code in (EXIT_CLEAN, EXIT_NO_BASELINE):
+    if code in (OK, NO_BASELINE):
         for name in [n for n, _ in comparisons] + new_devices:
             pointer["baselines"][name] = {"run_id": outcome.run_id, "git_sha": records.git_sha(),
                                           "set_at": records.now()}
@@ -103,15 +103,15 @@ def nightly(spec: dict, results_dir: str | Path, *, threshold: float, timeout_s:
     if json_path:
         Path(json_path).write_text(json.dumps({"run_id": outcome.run_id, "exit_code": code, "summary": lines,
                                                "failed_rows": len(failed), "new_baselines": new_devices,
-                                               "comparisons": {n: compare.to_json(c) for n, c in comparisons}},
+                                               "comparisons": {n: compare_render.to_json(c) for n, c in comparisons}},
                                               indent=1))
     return code
 
 
 def nightly_ab(spec: dict, results_dir: str | Path, *, threshold: float, timeout_s: float,
                markdown_path: str | None, json_path: str | None, console: Console, err: Console) -> int:
-    from ..ab import session
-    from . import ab as ab_report
+    from .ab import session
+    from .report import ab as ab_report
 
     pointer = read_pointer(results_dir)
     if len(spec["devices"]) != 1:
@@ -128,19 +128,19 @@ def nightly_ab(spec: dict, results_dir: str | Path, *, threshold: float, timeout
                          f"({sha or 'none recorded'}) to measure again")
     outcome = session.run(spec, sha.removesuffix("+dirty"), "HEAD", results_dir, timeout_s=timeout_s, err=err)
     if outcome.state != "complete":
-        return 130
+        return INTERRUPTED
     cmp = ab_report.verdicts(outcome.path, threshold)
     head_rows = cmp.head.rows
     run_id = _keep_head_as_run(outcome, spec, head_rows, results_dir)
     failed = head_rows[head_rows["status"].isin(run.FAILED)]
-    code = EXIT_REGRESSION if cmp.regressed() else EXIT_FAILED_ROWS if len(failed) else EXIT_CLEAN
+    code = REGRESSION if cmp.regressed() else NIGHTLY_FAILED_ROWS if len(failed) else OK
     lines = [f"lossbench nightly --ab: {outcome.run_id} ({outcome.measured} unit passes in {outcome.elapsed_s:.0f} s), "
              f"base {sha[:10]} (baseline run {entry['run_id']}) vs HEAD, exit {code}"]
     ab_report.write(cmp, console)
     lines += [f"{name}: " + line for line in ab_report.summary_lines(cmp)]
     if len(failed):
         lines.append(f"{len(failed)} rows failed to run on HEAD")
-    if code == EXIT_CLEAN:
+    if code == OK:
         head_sha = head_rows["git_sha"].dropna()
         pointer["baselines"][name] = {"run_id": run_id, "git_sha": str(head_sha.iloc[0]) if len(head_sha) else None,
                                       "set_at": records.now()}
@@ -152,11 +152,11 @@ def nightly_ab(spec: dict, results_dir: str | Path, *, threshold: float, timeout
         console.print(line)
     if markdown_path:
         Path(markdown_path).write_text("# lossbench nightly --ab\n\n" + "\n".join(f"- {x}" for x in lines) + "\n\n"
-                                       + compare.display_frame(cmp).to_markdown(index=False) + "\n")
+                                       + compare_render.display_frame(cmp).to_markdown(index=False) + "\n")
     if json_path:
         Path(json_path).write_text(json.dumps({"run_id": run_id, "ab_run": outcome.run_id, "exit_code": code,
                                                "summary": lines, "failed_rows": len(failed),
-                                               "comparisons": {name: compare.to_json(cmp)}}, indent=1))
+                                               "comparisons": {name: compare_render.to_json(cmp)}}, indent=1))
     return code
 
 
@@ -181,8 +181,8 @@ def _report(comparisons, new_devices, failed: pd.DataFrame, outcome, code: int, 
              f"exit {code}"]
     for name, cmp in comparisons:
         console.print(f"[bold]{name}[/]")
-        compare.write(cmp, console)
-        lines += [f"{name}: " + compare.summary_lines(cmp)[0]]
+        compare_render.write(cmp, console)
+        lines += [f"{name}: " + compare_render.summary_lines(cmp)[0]]
     for name in new_devices:
         lines.append(f"{name}: no baseline yet; this run becomes it")
     if len(failed):
@@ -197,5 +197,5 @@ def _report(comparisons, new_devices, failed: pd.DataFrame, outcome, code: int, 
 def _markdown(comparisons, lines: list[str]) -> str:
     text = "# lossbench nightly\n\n" + "\n".join(f"- {line}" for line in lines) + "\n"
     for name, cmp in comparisons:
-        text += f"\n## {name}\n\n" + compare.markdown(cmp).split("\n", 2)[2]
+        text += f"\n## {name}\n\n" + compare_render.markdown(cmp).split("\n", 2)[2]
     return text
