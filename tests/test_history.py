@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from lossbench.cli import main
-from lossbench.report import history, history_render
+from lossbench.report import history, history_render, statistics
 from lossbench.report.history import Metric, find_steps
 
 BASE = Path(__file__).resolve().parent.parent / "results" / "20261201T141457Z-3f63ca"
@@ -234,3 +234,52 @@ def test_a_torn_last_line_is_a_warning_not_an_error(tmp_path):
     with pytest.warns(UserWarning, match="not a complete row"):
         h = history.analyse(tmp_path)
     assert h.runs.groupby("run_id").size().tolist() == [264, 264]
+
+
+def _evictions(machine):
+    """edit for write_history: one commit in every run, every sample with the eviction timed before it;
+    machine(i, row) scales the row's samples in run i and its evictions alike (the host's speed while the
+    row was measured, not the code's)."""
+    rng = np.random.default_rng(7)
+
+    def edit(i, r):
+        r["git_sha"] = sha(0)
+        if r["time_median_ms"] is None:
+            return
+        m = machine(i, r)
+        _scale_time(r, m)
+        r["evict_ms"] = [12.0 * m * float(np.exp(rng.normal(0, 0.01))) for _ in r["raw_ms"]]
+    return edit
+
+
+def _composed(r):
+    return (r["family"], r["impl"]) == ("ce", "torch_composed")
+
+
+def test_a_slower_host_between_runs_of_one_commit_is_no_change(tmp_path, monkeypatch):
+    """One commit throughout; from the fourth run on, the host runs 20% slower while ce torch_composed's rows
+    are measured, their evictions too. In units of their evictions (as compare takes them) the runs are
+    alike and nothing is reported; in plain medians the rows are 20% slower from the fourth run: a false
+    step, the same as the code's own would be."""
+    write_history(tmp_path, edit=_evictions(lambda i, r: 1.2 if i >= 3 and _composed(r) else 1.0))
+    h = history.analyse(tmp_path)
+    assert h.points["paced"].all()
+    assert h.changes.empty, history_render.change_table(h.changes)
+    monkeypatch.setattr(statistics, "PACE", False)
+    t = history_render.change_table(history.analyse(tmp_path).changes)
+    assert set(zip(t["metric"], t["change"], t["family"], t["impl"], t["first run after"])) == {
+        ("time", "regressed", "ce", "torch_composed", f"{run_id(3)} ({sha(0)[:7]})")}
+
+
+def test_paced_times_still_show_the_codes_own_step(tmp_path):
+    """Pacing takes out the host's speed, not the code's: ce torch_composed 20% slower from the fourth run
+    with its evictions as usual is found; the host 20% slower over the whole sixth run is not."""
+    host = _evictions(lambda i, r: 1.2 if i == 5 else 1.0)
+
+    def edit(i, r):
+        host(i, r)
+        if i >= 3 and _composed(r) and r["time_median_ms"] is not None:
+            _scale_time(r, 1.2)
+    write_history(tmp_path, edit=edit)
+    t = history_render.change_table(history.analyse(tmp_path).changes)
+    assert set(zip(t["metric"], t["change"], t["family"], t["impl"])) == {("time", "regressed", "ce", "torch_composed")}, t

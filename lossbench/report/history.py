@@ -3,8 +3,7 @@
 A series is one row (records.KEY: device, family, implementation, case, dtype, mode) over the runs of one
 comparability group (report.runs.VERSIONS: device name, torch, triton and CUDA versions, threads; the
 commit may differ, that is what the history follows). Runs are ordered by time. A series never mixes
-groups: a torch upgrade starts new series. Three metrics: time (time_median_ms, a run-level median),
-memory (extra_mem_bytes, with extra_mem_max_bytes as the run's range) and accuracy (grad_row_err_max,
+groups: a torch upgrade starts new series. Three metrics: time (time_ms: paced, below), memory (extra_mem_bytes, with extra_mem_max_bytes as the run's range) and accuracy (grad_row_err_max,
 or loss_rel_err where there is no gradient).
 
 Time on the shared 2-core machine moves in bursts that slow the rows measured in the same seconds, and
@@ -12,6 +11,13 @@ a row's median varies by ~10% between runs of the same code. So a row's time is 
 neighbours in measurement order (the drift they share, as compare does), and the run-wide level (the
 median over a run's rows) is a series of its own: "everything got slower" is one change of the
 run-wide level, not one per row.
+
+The host's speed also moves between runs, every row of a run alike (20% between processes here): on the
+CPU each sample is taken in units of the cache eviction timed just before it (statistics.paced, as
+compare does). A series steps from one run to the next in those paced units where both runs have
+eviction times, in raw ms where either has none (compare's rule: both paced or neither). Paced times are
+put back in ms at the group's typical eviction time (own_times), so a series runs on across the runs that
+predate eviction times.
 
 Change points: ruptures' PELT (exact and deterministic; min_size = the persistence below) proposes
 steps on each series, in log scale and standardised by the series' noise. It only proposes: a step is
@@ -30,10 +36,11 @@ then the smallest effect, then the weakest evidence) and the rest are judged aga
 Steps that coincide (one implementation, the same two runs, the same direction) are pooled into one
 test (Stouffer) and one line of the table, then false-discovery control (Benjamini-Hochberg at
 statistics.ALPHA) runs over the pooled tests and every series without a step. On the committed runs
-(results/: 11 runs, 5 of them nightly-suite runs of one commit), no change is reported between runs of
-the same commit.
+(results/: 16 runs; 5 of commit cbb3bef without eviction times, 5 of 171ba03 with them), 2 of the 17 lines
+are between runs of one commit, both cbb3bef's first and second run (plain medians: 3 of 20, one of them
+between 171ba03's runs, which pacing removed).
 
-The runs' raw samples (raw_ms) are not used: a pooled Mann-Whitney test of the samples on either side
+Beyond pacing, the runs' raw samples (raw_ms) are not used: a pooled Mann-Whitney test of the samples on either side
 of a step, and the samples' standard error of a run's median as a noise floor, were tried; neither
 removed a false change on the committed runs, and both missed rows of the test's 20% slower
 implementation (within a run the samples are neither independent, bursts, nor well-behaved, 3x spikes).
@@ -62,7 +69,7 @@ from scipy import stats
 from ..errors import UsageError
 from . import runs
 from .runs import VERSIONS, norm
-from .statistics import ACCURACY_GROWTH, ALPHA, alloc_block, local_drift, robust_sd
+from .statistics import ACCURACY_GROWTH, ALPHA, alloc_block, local_drift, paced, paces, robust_sd, samples
 
 PERSIST = 2                  # runs a step must hold on each side: one bad run is never a change
 TIME_EFFECT = 1.05           # compare's default threshold (5%)
@@ -122,10 +129,31 @@ def with_groups(df: pd.DataFrame) -> pd.DataFrame:
 
 
 # --- the values of each series -------------------------------------------------------------------------
+def own_times(df: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Each ok timed row's time in ms (NaN elsewhere). Where the row has eviction times (statistics.paced,
+    CPU rows), its paced median times the group's typical eviction time (the median over the group's
+    paced rows): the time it would have taken at the machine's usual speed. Elsewhere its median.
+    So runs that both have eviction times compare in paced units, the other runs in raw ms, as compare
+    does. Anchoring a paced stretch on the ms of its first run instead carried that run's speed into
+    every later one: the first paced run here was measured while evictions took 2.5x their usual time.
+    Also returns which rows are paced."""
+    raw = df["time_median_ms"].astype(float).where((df["status"] == "ok") & (df["time_median_ms"] > 0))
+    none = pd.Series(None, index=df.index, dtype=object)
+    pm, em = [], []
+    for r, e, d in zip(df.get("raw_ms", none), df.get("evict_ms", none), df["device"]):
+        p = paced(r, e) if paces(d) else None
+        pm.append(math.nan if p is None else float(np.median(p)))
+        em.append(math.nan if p is None else float(np.median(samples(e))))
+    pm, em = pd.Series(pm, index=df.index).where(raw.notna()), pd.Series(em, index=df.index)
+    typical = em.where(pm.notna()).groupby(df["group"]).transform("median")
+    return (pm * typical).where(pm.notna(), raw), pm.notna()
+
+
 def deviations(df: pd.DataFrame) -> pd.DataFrame:
-    """The ok timed rows with `dev`: their log time minus the row's median over the runs of its group."""
-    t = df[(df["status"] == "ok") & (df["time_median_ms"] > 0)].copy()
-    t["log"] = np.log(t["time_median_ms"].astype(float))
+    """The ok timed rows with `dev`: their log time (own_times) minus the row's median over the runs of
+    its group."""
+    t = df[df["time_ms"].notna()].copy()
+    t["log"] = np.log(t["time_ms"])
     t["dev"] = t["log"] - t.groupby(["group", "key"])["log"].transform("median")
     return t
 
@@ -162,8 +190,7 @@ def points(df: pd.DataFrame, dev: pd.DataFrame) -> pd.DataFrame:
     """One line per (group, row key, run) of an ok row: time (relative to its neighbours' drift), memory
     and accuracy in their units."""
     ok = df[df["status"] == "ok"].copy()
-    ok["time"] = ok["time_median_ms"].astype(float).where(lambda t: t > 0) \
-        / np.exp(local_levels(dev).reindex(ok.index).fillna(0.0))
+    ok["time"] = ok["time_ms"] / np.exp(local_levels(dev).reindex(ok.index).fillna(0.0))
     ok["memory"] = ok["extra_mem_bytes"].astype(float).clip(lower=0)  # the smallest of the repeated calls
     ok["memory_max"] = ok["extra_mem_max_bytes"].astype(float)       # the largest (NaN in early runs)
     # fwd rows have no gradient: their loss error, always (early runs stored a gradient error of 0 for
@@ -286,7 +313,7 @@ def _persists(s: _Sides, persist: int, clears) -> bool:
 class SeriesValues:
     values: np.ndarray               # per run, in the metric's units (time: relative to the neighbours)
     upper: np.ndarray                # per run, the largest it measured (memory's range), else the values
-    raw: np.ndarray | None = None    # time: the row's own times, unadjusted
+    raw: np.ndarray | None = None    # time: the row's own times (own_times), not relative to neighbours
     block: float = 0.0               # memory: the smallest step that counts
 
 
@@ -335,7 +362,8 @@ class Series:
     values: np.ndarray
     block: float
     upper: np.ndarray | None = None   # memory: the largest of each run's repeated calls
-    raw: np.ndarray | None = None     # time: unadjusted
+    raw: np.ndarray | None = None     # time: the row's own times (own_times)
+    paced: np.ndarray | None = None   # time: which runs' times are paced
     noise: float = math.nan
     noise_df: float = math.inf        # the noise estimate's degrees of freedom
 
@@ -354,7 +382,8 @@ def all_series(pts: pd.DataFrame, levels: pd.DataFrame) -> list[Series]:
                 out.append(Series(metric, ident, v["pos"].to_numpy(), list(v["run_id"]), list(v["sha"]),
                                   v[metric].to_numpy(float), block_of(first["device"], metric),
                                   v["memory_max"].to_numpy(float) if metric == "memory" else None,
-                                  v["time_median_ms"].to_numpy(float) if metric == "time" else None))
+                                  v["time_ms"].to_numpy(float) if metric == "time" else None,
+                                  v["paced"].to_numpy(bool) if metric == "time" else None))
     for group, g in levels.dropna(subset=["level"]).sort_values("pos").groupby("group"):
         ident = {"group": group, "device": g["device"].iloc[0], "family": "all", "impl": RUN_WIDE, "mode": "all",
                  "case": "every row of the run"}
@@ -369,12 +398,23 @@ def _set_noise(series: list[Series]) -> None:
     Student's t with the series' degrees of freedom: a few runs' spread says little about the next
     excursion."""
     own = pd.DataFrame({"metric": [s.metric for s in series], "group": [s.ident["group"] for s in series],
-                        "own": [own_noise(signal(s.values, s.metric, s.block)) for s in series]})
+                        "own": [_series_noise(s) for s in series]})
     typical = own.groupby(["metric", "group"])["own"].transform("median")
     for s, o, t in zip(series, own["own"], typical):
         o, others = np.nan_to_num(o), max(np.nan_to_num(t), NOISE_FLOOR)
         s.noise = max(o, others)
         s.noise_df = max(len(s.values) - 2, 1) if o > others else math.inf
+
+
+def _series_noise(s: Series) -> float:
+    """own_noise of the series; where some of its runs are paced and others not, of the noisier part. Paced
+    times vary less from run to run: measured over the whole series, their smaller differences would make
+    the older, raw runs' differences look like steps (four more between runs of one commit here)."""
+    sig = signal(s.values, s.metric, s.block)
+    if s.paced is None or s.paced.all() or not s.paced.any():
+        return own_noise(sig)
+    parts = [own_noise(sig[s.paced]), own_noise(sig[~s.paced])]
+    return math.nan if all(math.isnan(x) for x in parts) else float(np.nanmax(parts))
 
 
 # Steps that coincide: the same metric, group, implementation, runs on either side and direction. A
@@ -449,6 +489,7 @@ class History:
 def analyse(results_dir: str | Path, families: list[str] | None = None, impls: list[str] | None = None,
             persist: int = PERSIST, pool: bool = True) -> History:
     df = with_groups(runs.load_all(results_dir))
+    df["time_ms"], df["paced"] = own_times(df)
     dev = deviations(df)  # from every row, whatever the selection: a row's neighbours are the run's
     levels = run_levels(dev)
     pts = _select(points(df, dev), families, impls)

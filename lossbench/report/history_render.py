@@ -84,7 +84,7 @@ def _plot_values(pts: pd.DataFrame, metric: str) -> pd.Series:
     orders of magnitude), errors as they are (log axis)."""
     if metric == "accuracy":
         return pts["accuracy"].clip(lower=1e-12, upper=1e3)
-    raw = pts["time_median_ms"].astype(float) if metric == "time" else pts["memory"]
+    raw = pts["time_ms"] if metric == "time" else pts["memory"]
     floor = pts["device"].map(lambda d: block_of(d, "memory")) if metric == "memory" else 0.0
     med = raw.groupby([pts["group"], pts["key"]]).transform("median")
     return (raw + floor) / (med + floor)
