@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from lossbench.cli import main
-from lossbench.report import history, history_render, statistics
-from lossbench.report.history import Metric, find_steps
+from lossbench.report import change_points, history, history_render, statistics
+from lossbench.report.change_points import Metric, find_steps
 
 BASE = Path(__file__).resolve().parent.parent / "results" / "20261201T141457Z-3f63ca"
 N_RUNS = 8
@@ -151,7 +151,7 @@ def test_persistence_is_what_keeps_an_outlier_out():
 def test_a_step_must_clear_the_minimum_effect(monkeypatch):
     small = _series([1, 1, 1, 1, 1.035, 1.035, 1.035, 1.035], noise=0.002)
     assert find_steps(small, "time", noise=0.002) == []
-    monkeypatch.setitem(history.METRICS, "time", Metric("time", "", 1.02))
+    monkeypatch.setitem(change_points.METRICS, "time", Metric("time", "", 1.02))
     assert [s.at for s in find_steps(small, "time", noise=0.002)] == [4]
 
 
@@ -163,8 +163,8 @@ def test_a_step_must_stand_out_from_the_series_noise():
 
 def test_memory_step_must_exceed_an_allocator_block():
     tiny = np.array([1000, 1000, 1000, 3000, 3000, 3000], dtype=float)  # 3x, but 2 kB: glibc's doing on a CPU
-    assert find_steps(tiny, "memory", noise=0.0, block=history.block_of("cpu", "memory")) == []
-    assert [s.at for s in find_steps(tiny, "memory", noise=0.0, block=history.block_of("cuda:0", "memory"))] == [3]
+    assert find_steps(tiny, "memory", noise=0.0, block=change_points.block_of("cpu", "memory")) == []
+    assert [s.at for s in find_steps(tiny, "memory", noise=0.0, block=change_points.block_of("cuda:0", "memory"))] == [3]
 
 
 def test_everything_slower_is_one_run_wide_change(tmp_path):
@@ -282,4 +282,5 @@ def test_paced_times_still_show_the_codes_own_step(tmp_path):
             _scale_time(r, 1.2)
     write_history(tmp_path, edit=edit)
     t = history_render.change_table(history.analyse(tmp_path).changes)
-    assert set(zip(t["metric"], t["change"], t["family"], t["impl"])) == {("time", "regressed", "ce", "torch_composed")}, t
+    found = set(zip(t["metric"], t["change"], t["family"], t["impl"]))
+    assert found == {("time", "regressed", "ce", "torch_composed")}, t

@@ -91,8 +91,9 @@ def implementation_history_noise(logs: dict[tuple[str, bool], dict[int, float]]
     """Per (device, family, implementation, paced), how much the implementation as a whole moved between
     earlier runs of the rows: per run, the median over its rows of each row's departure from the row's
     mean over the runs; their spread (statistics.run_to_run_sd). Whole implementations move between
-    processes of the same code (five nightly runs: torch_compile's ce rows 12% slower together in one, fused's in another),
-    by more than the spread of the other implementations' shifts in one comparison shows."""
+    processes of the same code (five nightly runs: torch_compile's ce rows 12% slower together in one,
+    fused's in another), by more than the spread of the other implementations' shifts in one comparison
+    shows."""
     per_run: dict[tuple, dict[int, list[float]]] = {}
     for (key, is_paced), v in logs.items():
         if len(v) < MIN_HISTORY:

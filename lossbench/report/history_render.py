@@ -13,7 +13,8 @@ from rich.table import Table
 
 from ..errors import UsageError
 from .. import exit_codes
-from .history import LINE, MEMORY_EFFECT, METRICS, PERSIST, RUN_WIDE, TIME_EFFECT, analyse, block_of
+from .change_points import MEMORY_EFFECT, METRICS, PERSIST, TIME_EFFECT, block_of
+from .history import LINE, RUN_WIDE, analyse
 from .page import Section, write_report
 from .statistics import ACCURACY_GROWTH, ALPHA
 
