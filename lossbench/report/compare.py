@@ -45,8 +45,7 @@ import pandas as pd
 from scipy import stats
 
 from ..errors import UsageError
-# Run, load_run, history_for and incompatibility are runs.py's, named here too: compare's callers take them from here.
-from .runs import Run, history_for, incompatibility, keyed, load_run  # noqa: F401
+from .runs import Run, incompatibility, keyed
 from .statistics import ALPHA, local_drift, paced, paces, robust_sd, run_to_run_sd, samples
 from .verdicts import Comparison, by_severity, row_history_memory, row_verdicts, verdict
 
