@@ -213,12 +213,13 @@ def _jit(fn):
 
 if _HAS_TRITON:  # imported after the helpers above, which the kernel modules use
     from .cross_entropy import cross_entropy  # noqa: E402
+    from .jsd import jsd  # noqa: E402
     from .kl_div import kl_div  # noqa: E402
     from .linear_cross_entropy import linear_cross_entropy  # noqa: E402
 else:
     def _missing(*args, **kwargs):
         raise NotImplementedError("triton is not installed")
 
-    cross_entropy = kl_div = linear_cross_entropy = _missing
+    cross_entropy = jsd = kl_div = linear_cross_entropy = _missing
 
-__all__ = ["available", "cross_entropy", "kl_div", "linear_cross_entropy"]
+__all__ = ["available", "cross_entropy", "jsd", "kl_div", "linear_cross_entropy"]

@@ -31,7 +31,7 @@ from typing import Callable, Iterable
 from . import Variant, _interpreting, _jit, _mode_mismatch
 
 ARCHS = ("sm_80", "sm_90")
-KERNELS = {"ce": "cross_entropy", "kl": "kl_div"}  # linear_cross_entropy launches the ce kernel
+KERNELS = {"ce": "cross_entropy", "kl": "kl_div", "jsd": "jsd"}  # linear_cross_entropy launches the ce kernel
 # Largest shared memory one block may use (opt-in), in bytes: A100, consumer Ampere and Ada, H100.
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 MAX_REGISTERS = 255
