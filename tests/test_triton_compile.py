@@ -25,10 +25,11 @@ from lossbench.kernels.triton import LaunchConfig, Variant, aot, device_function
 
 ce_mod = importlib.import_module("lossbench.kernels.triton.cross_entropy")
 kl_mod = importlib.import_module("lossbench.kernels.triton.kl_div")
+jsd_mod = importlib.import_module("lossbench.kernels.triton.jsd")
 lce_mod = importlib.import_module("lossbench.kernels.triton.linear_cross_entropy")
 
 ARCHS = ("sm_80", "sm_90")
-KERNEL_FNS = {"ce": ce_mod._ce_kernel, "kl": kl_mod._kl_kernel}
+KERNEL_FNS = {"ce": ce_mod._ce_kernel, "kl": kl_mod._kl_kernel, "jsd": jsd_mod._jsd_kernel}
 timing = {}
 
 
@@ -105,6 +106,14 @@ def test_kl_variants_include_int64_counts():
                             n=2**31).signature["n"] == "i64"
 
 
+def test_jsd_variants_cover_beta_cases_and_int64_sizes():
+    variants = aot.variants(["jsd"])
+    assert {v.config.constexprs["BETA_CASE"] for v in variants} == {0, 1, 2}
+    assert {v.config.signature["n_cols"] for v in variants} == {"i32", "i64"}
+    assert {v.config.signature["ignore_index"] for v in variants} == {"i32", "i64"}
+    assert {v.config.signature["LABEL"] for v in variants if v.config.constexprs["HAS_LABEL"]} == {"*i64"}
+
+
 def test_launchers_use_enumerated_configs(monkeypatch):
     """Runs the public functions with launching replaced by a recorder: every configuration the
     launchers produce is one of the enumerated variants, and its arguments match it."""
@@ -114,9 +123,9 @@ def test_launchers_use_enumerated_configs(monkeypatch):
         tk.check_args(fn, config, args)
         seen.append((fn, config.key()))
 
-    for mod in (ce_mod, kl_mod, lce_mod):
+    for mod in (ce_mod, kl_mod, lce_mod, jsd_mod):
         monkeypatch.setattr(mod, "_check_device", lambda t: None)
-    for mod in (ce_mod, kl_mod):
+    for mod in (ce_mod, kl_mod, jsd_mod):
         monkeypatch.setattr(mod, "launch", record)
         monkeypatch.setattr(mod, "_interpreting", lambda: False)  # what runs on a GPU
 
@@ -134,6 +143,9 @@ def test_launchers_use_enumerated_configs(monkeypatch):
             x = torch.randn(3, 5, generator=g).to(dtype).requires_grad_(True)
             tk.kl_div(x, t.to(t_dtype), reduction="none").sum().backward()  # modes 0 and 2
             tk.kl_div(x, t.log().to(t_dtype), reduction="batchmean", log_target=True).backward()  # mode 1
+        for beta, label in ((0.0, None), (1.0, torch.tensor([0, -100, 2])), (0.4, torch.tensor([1, 1, 1]))):
+            x = torch.randn(3, 5, generator=g).log_softmax(-1).to(dtype).requires_grad_(True)
+            tk.jsd(x, torch.randn(3, 5, generator=g).log_softmax(-1).to(dtype), label=label, beta=beta).backward()
     h = torch.randn(4, 8, generator=g, requires_grad=True)
     tk.linear_cross_entropy(h, torch.randn(50, 8, generator=g), torch.tensor([1, 2, -100, 49]),
                             label_smoothing=0.1).backward()
