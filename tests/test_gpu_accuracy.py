@@ -48,7 +48,8 @@ FLOOR_RATIO = {"float32": 8.0, "bfloat16": 2.5}
 # and in float32 linear_ce the float32 matmul's own error alone over the accuracy budget).
 EPS = 0.2
 
-SHAPES = {"ce": dict(n=32, c=5000), "kl": dict(n=16, c=3000), "linear_ce": dict(n=64, c=2000, h=128)}
+SHAPES = {"ce": dict(n=32, c=5000), "kl": dict(n=16, c=3000), "linear_ce": dict(n=64, c=2000, h=128),
+          "jsd": dict(n=16, c=3000)}
 VARIANTS = {
     "ce": [dict(), dict(reduction="sum"), dict(reduction="none"), dict(ignore_frac=0.25), dict(ignore_frac=1.0),
            dict(ignore_frac=1.0, reduction="sum"), dict(weight=True),
@@ -61,6 +62,8 @@ VARIANTS = {
                   dict(bias=True, ignore_frac=0.25, label_smoothing=EPS),
                   dict(bias=True, ignore_frac=0.25, reduction="none"), dict(ignore_frac=1.0),
                   dict(ignore_frac=1.0, bias=True, reduction="none"), dict(label_smoothing=EPS, reduction="sum")],
+    "jsd": [dict(), dict(beta=0.0), dict(beta=1.0), dict(beta=0.1, ignore_frac=0.25), dict(ignore_frac=1.0),
+            dict(reduction="sum"), dict(reduction="none", ignore_frac=0.25)],
 }
 # Documented peer defects (README "Peers"), left out of the grid rather than loosened.
 KNOWN_PEER_DEFECTS = {("ce", "liger", "noncontig")}
@@ -107,7 +110,7 @@ def _refusal_expected(case, impl):
     opts = case.options
     if any((case.family, impl, opt) in UNDECLARED_REFUSALS for opt, v in opts.items() if v):
         return True
-    return impl in PEERS and opts.get("ignore_frac") == 1.0 and opts["reduction"] == "mean"
+    return impl in PEERS and opts.get("ignore_frac") == 1.0 and opts["reduction"] in ("mean", "batchmean")
 
 
 @functools.lru_cache(maxsize=4)
@@ -261,6 +264,7 @@ def test_sweep_checks_on_the_interpreter(monkeypatch):
         (case("ce", "float32", "peaked", 8, 700, spatial=2), OURS),  # declared unsupported
         (case("kl", "float32", "peaked", 4, 500, log_target=True, reduction="none"), OURS),
         (case("linear_ce", "float32", "peaked", 8, 256, h=32, bias=True, ignore_frac=0.25), OURS),
+        (case("jsd", "bfloat16", "peaked", 4, 500, beta=0.1, ignore_frac=0.25), OURS),
     ]
     if _registered("ce", "liger"):
         good.append((case("ce", "float32", "peaked", 8, 700, ignore_frac=0.25, reduction="sum"), ("liger",)))
