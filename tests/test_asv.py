@@ -34,6 +34,26 @@ def test_conf_keys_are_asvs_own():
     assert unknown_keys({**conf, "results_directory": "x", "benchmark_dirs": "y"}) == ["benchmark_dirs", "results_directory"]
 
 
+def test_suites_asv_discovers_cover_every_family_and_measure(monkeypatch):
+    """benchmarks/losses.py as asv imports it: one class per family named as asv reports it, its params
+    the family's grid; one parameter set's methods run in-process (the slow tests run asv itself)."""
+    from lossbench.families import FAMILIES
+    from lossbench.integrations import asv_suite
+
+    monkeypatch.setenv("LOSSBENCH_IMPLS", "torch_functional")
+    classes = asv_suite.suites()
+    assert sorted(classes) == sorted(asv_suite.class_name(f) for f in FAMILIES)
+    assert asv_suite.class_name("linear_ce") == "LinearCE" and asv_suite.class_name("jsd") == "JSD"
+    suite = classes["CE"]()
+    impls, shapes, dtypes, devices = suite.params
+    assert impls == ["torch_functional"] and suite.param_names == asv_suite.PARAM_NAMES
+    params = (impls[0], shapes[0], dtypes[0], devices[0])
+    suite.setup(*params)
+    suite.time_fwd_bwd(*params)
+    assert suite.track_extra_mem_bytes(*params) > 0
+    assert suite.track_err_vs_floor(*params) < 10
+
+
 def _asv(tmp: Path, machine: str, *args: str, **env: str) -> subprocess.CompletedProcess:
     environ = {**os.environ, "HOME": str(tmp / "home"),  # asv machine writes ~/.asv-machine.json
                "LOSSBENCH_IMPLS": "torch_functional,adjustable", "LOSSBENCH_SHAPES": "256x100",
@@ -117,6 +137,7 @@ def test_asv_result_without_lossbench_benchmarks_or_corrupt(tmp_path):
         load_results(tmp_path)
 
 
+@pytest.mark.slow
 def test_history_takes_asv_results(asv_results, capsys):
     """The two runs (machines base and head, one CPU) are one comparable group for history."""
     tmp, files = asv_results

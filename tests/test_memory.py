@@ -49,6 +49,7 @@ def test_extra_k_bytes_reported_within_3_percent(k_mib, mode):
     assert with_buffer - without == pytest.approx(k_mib * MiB, rel=0.03)
 
 
+@pytest.mark.slow
 def test_eager_cross_entropy_fwd_bwd_is_about_three_logits():
     case = Case.make("ce", 4096, 32768, "float32", "cpu")
     logits_bytes = 4096 * 32768 * 4

@@ -45,6 +45,7 @@ def session(tmp_path_factory) -> tuple[Path, dict]:
     return out, json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_session_rows(session):
     path, data = session
     df = pb.rows(path, data)
@@ -70,6 +71,7 @@ def test_session_rows(session):
         assert (r["n"], r["c"], r["dtype"], r["mode"]) == (256, 100, "float32", "fwd_bwd")
 
 
+@pytest.mark.slow
 def test_extra_info_samples_match_pytest_benchmarks(session):
     """--benchmark-save without --benchmark-save-data keeps no stats["data"]: the rows then come from
     extra_info's raw_ms, which must be the same samples in milliseconds."""
@@ -209,6 +211,7 @@ def test_not_a_pytest_benchmark_file():
         pb.rows(Path("x.json"), _doc())
 
 
+@pytest.mark.slow
 def test_compare_and_report_on_pytest_benchmark_files(session, tmp_path):
     """`lossbench compare` on two such files: the same file gives exit 0; a copy whose torch_module row
     needs twice the memory and has a gradient error 10x larger gives exit 1, naming both. `report` takes one."""

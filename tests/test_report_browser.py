@@ -89,6 +89,7 @@ def test_report_renders_every_plot(browser, report, tmp_path):
     assert check_page(browser, report, tmp_path) == []
 
 
+@pytest.mark.slow
 def test_a_corrupt_image_is_caught(browser, report, tmp_path):
     page = tmp_path / "corrupt.html"
     # the second plot: a PNG signature followed by garbage
@@ -100,6 +101,7 @@ def test_a_corrupt_image_is_caught(browser, report, tmp_path):
     assert check_page(browser, page, tmp_path) == [f"{n - 1} of {n} plots decoded"]
 
 
+@pytest.mark.slow
 def test_a_blank_page_is_caught(browser, tmp_path):
     page = tmp_path / "blank.html"
     page.write_text("<!doctype html><html><head><meta charset='utf-8'></head><body></body></html>")

@@ -63,6 +63,7 @@ def two_ranks(tmp_path_factory):
     return _run(tmp_path_factory.mktemp("vp"))
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_are_accurate(two_ranks):
     rank0, rank1 = two_ranks
     assert rank0 == rank1  # both ranks hold the whole loss and the whole gradient
@@ -73,6 +74,7 @@ def test_two_gloo_ranks_are_accurate(two_ranks):
         assert r["vs_floor"] < 4, r
 
 
+@pytest.mark.slow
 def test_the_difference_is_caught(tmp_path, two_ranks):
     """The check fails an implementation that forms 1 - p_y as a difference: on peaked rows its worst row
     is far off the floor where the real one is at it."""
