@@ -1,6 +1,6 @@
 """`lossbench run | list | report | compare | ab | nightly | history | kernels`: arguments in, one function per command.
 
-Bad input ends in one line on stderr and exit status 2."""
+Bad input ends in one line on stderr and exit status 2 (exit_codes.USAGE)."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +15,7 @@ from rich.table import Table
 
 from . import nightly, quiet_exit, registry, run, store, suites
 from .errors import UsageError
-from .exit_codes import FAILED, INTERRUPTED, OK, USAGE
+from .exit_codes import FAILED, INTERRUPTED, NIGHTLY_FAILED_ROWS, NO_BASELINE, OK, REGRESSION, USAGE
 from .families import FAMILIES
 from .ab import command as ab_command
 from .runners.pairing import MIN_BLOCKS
@@ -259,8 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="for a comparison: compare runs whose device, library versions or threads differ")
     rep.set_defaults(func=cmd_report)
 
-    cmp = sub.add_parser("compare", help="regression verdicts between two runs: exit 0 none regressed, 1 some did, "
-                                         "2 bad input or incompatible runs")
+    cmp = sub.add_parser("compare", help="regression verdicts between two runs: exit "
+                                         f"{OK} none regressed, {REGRESSION} some did, {USAGE} bad input or incompatible runs")
     cmp.add_argument("base", metavar="BASE", help="run id under --results, or a run file")
     cmp.add_argument("head", metavar="HEAD", help="run id under --results, or a run file")
     _add_comparison_flags(cmp, results_help="results folder (default: results/)", threshold_help="default 5")
@@ -269,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.set_defaults(func=cmd_compare)
 
     nig = sub.add_parser("nightly", help="run the nightly suite, compare with the pinned baseline, move it after a "
-                                         "clean night: exit 0 clean, 1 regression, 3 failed rows, 4 no baseline yet")
+                                         f"clean night: exit {OK} clean, {REGRESSION} regression, {NIGHTLY_FAILED_ROWS} failed rows, "
+                                         f"{NO_BASELINE} no baseline yet")
     _add_selection(nig, suite_default="nightly")
     _add_comparison_flags(nig, results_help="results folder holding the runs and baseline.json (default: results/)",
                           threshold_help="default 5; with --ab 3")
@@ -279,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     nig.set_defaults(func=cmd_nightly)
 
     abp = sub.add_parser("ab", help="measure BASE and HEAD side by side, samples interleaved in paired rounds, "
-                                     "and judge the change: exit 0 none regressed, 1 some did, 2 bad input")
+                                     f"and judge the change: exit {OK} none regressed, {REGRESSION} some did, {USAGE} bad input")
     abp.add_argument("base", metavar="BASE", nargs="?",
                      help="git ref of the repository here (checked out into a temporary worktree) or a checkout directory")
     abp.add_argument("head", metavar="HEAD", nargs="?", help="as BASE")

@@ -1,9 +1,6 @@
 """vocab_parallel over two gloo ranks on the CPU: accurate against the float64 reference of the full-vocabulary
 loss (peaked rows included), and `unsupported` with its reason in a plain single-process run."""
 import json
-import math
-import os
-import sys
 
 import pytest
 import torch

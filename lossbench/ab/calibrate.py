@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import exit_codes
 from ..report import ab as ab_report
 
 PLUGIN = '''"""Calibration plugin of lossbench ab: cross-entropy made FACTOR times slower in every mode."""
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({k: v for k, v in report["configs"][-1].items() if k != "changes"}), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-    return 0
+    return exit_codes.OK
 
 
 THRESHOLDS = (0.02, 0.03, 0.05)

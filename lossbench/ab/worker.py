@@ -26,6 +26,8 @@ import sys
 import time
 import traceback
 
+from .. import exit_codes
+
 
 def _send(out, payload: dict) -> None:
     out.write(json.dumps(payload) + "\n")
@@ -194,7 +196,7 @@ def main() -> int:
             text = str(exc).strip().splitlines()
             _send(out, {"error": f"{'' if usage else type(exc).__name__ + ': '}{text[0] if text else ''}",
                         "usage": usage, "traceback": "" if usage else traceback.format_exc()})
-    return 0
+    return exit_codes.OK
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ def _fmt_value(metric: str, v) -> str:
     if metric == "time":
         return f"{v:.3g} ms"
     if metric == "memory":
-        from .table import _fmt_bytes
-        return _fmt_bytes(v)
+        from .table import fmt_bytes
+        return fmt_bytes(v)
     if metric == "accuracy":
         return f"{v:.2g}"
     return str(v)

@@ -17,7 +17,7 @@ def _fmt_ms(ms: float) -> str:
     return f"{ms:.3g} ms" if ms >= 0.1 else f"{ms * 1e3:.3g} µs"
 
 
-def _fmt_bytes(n: float) -> str:
+def fmt_bytes(n: float) -> str:
     if n is None or (isinstance(n, float) and math.isnan(n)):
         return "-"
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
@@ -74,7 +74,7 @@ def _cell(row: pd.Series, base: pd.Series | None) -> str:
     if row["impl"] == BASELINE or base is None or base["status"] != "ok" or pd.isna(base["time_median_ms"]):
         has_ci = pd.notna(row["time_ci_low_ms"]) and pd.notna(row["time_ci_high_ms"])
         ci = f" [{_fmt_ms(row['time_ci_low_ms'])}, {_fmt_ms(row['time_ci_high_ms'])}]" if has_ci else ""
-        mem = f" +{_fmt_bytes(row['extra_mem_bytes'])}" if pd.notna(row.get("extra_mem_bytes")) else ""
+        mem = f" +{fmt_bytes(row['extra_mem_bytes'])}" if pd.notna(row.get("extra_mem_bytes")) else ""
         return f"{time_mark}{_fmt_ms(row['time_median_ms'])}{ci}{mem} {own_err}{mark}"
     err = own_err if own_err == "exact" or pd.isna(row.get("grad_row_err_max")) \
         else f"err×{_fmt_ratio(row['err_ratio_vs_torch'])}"
