@@ -30,6 +30,22 @@ class Implementation:
     description: str = ""
     # Where its semantics knowingly differ from torch's (e.g. a clamp): recorded in every row.
     convention: str = ""
+    # A run-time note for the row's convention, known only where it runs (e.g. "native kernel
+    # unavailable, Python fallback (no C++ compiler)"): called with the case, in the process that runs
+    # it; None or "" adds nothing.
+    note: Callable[[Any], str | None] | None = None
+
+    def convention_for(self, case) -> str | None:
+        """The row's `convention`: the static one and the run-time note, joined by "; " (None when neither)."""
+        parts = [self.convention] if self.convention else []
+        if self.note is not None:
+            try:
+                extra = self.note(case)
+            except Exception as exc:  # a note must never fail a row
+                extra = f"note unavailable: {type(exc).__name__}"
+            if extra:
+                parts.append(extra)
+        return "; ".join(parts) or None
 
     def why_unsupported(self, case) -> str | None:
         """A reason when the declared capabilities exclude this case, else None."""
@@ -58,13 +74,14 @@ BUILTINS: list[Implementation] = []
 def make(fn: Callable[..., Any], *, family: str, name: str, devices: Iterable[str] | None = None,
          dtypes: Iterable[str] | None = None, unsupported: Iterable[str] = (), mutates_inputs: bool = False,
          grad_in_forward: bool = False, compiles: bool = False, triton: bool = False, collective: bool = False,
-         description: str = "", convention: str = "") -> Implementation:
+         description: str = "", convention: str = "",
+         note: Callable[[Any], str | None] | None = None) -> Implementation:
     """An Implementation of `fn` under (family, name); its description defaults to fn's first doc line."""
     get_family(family)
     doc = description or (fn.__doc__ or "").strip().split("\n")[0]
     return Implementation(family, name, fn, tuple(devices) if devices is not None else None,
                           tuple(dtypes) if dtypes is not None else None, tuple(unsupported), mutates_inputs,
-                          grad_in_forward, compiles, triton, collective, doc, convention)
+                          grad_in_forward, compiles, triton, collective, doc, convention, note)
 
 
 def builtin(**capabilities) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

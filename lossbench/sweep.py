@@ -54,7 +54,7 @@ def impl_rows(prov: dict[str, Any], case: Case, impl: Implementation, modes: Ite
     """Rows for `impl` on `case`, one per mode, with what it declares about itself filled in."""
     for mode in modes:
         yield records.row(prov, case, impl.name, mode, grad_in_forward=impl.grad_in_forward,
-                          convention=impl.convention or None, **fields)
+                          convention=impl.convention_for(case), **fields)
 
 
 def status_of(exc: BaseException) -> str:

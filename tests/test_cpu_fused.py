@@ -17,6 +17,24 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float64: 1e-11}
 LOW = (torch.bfloat16, torch.float16)
 
 
+def _use_path(path, monkeypatch):
+    """Cross-entropy runs the compiled kernel ("native", skipped where it does not build) or the Python
+    path ("python": LOSSBENCH_NATIVE=0 forces the fallback)."""
+    if path == "python":
+        monkeypatch.setenv("LOSSBENCH_NATIVE", "0")
+        assert ce_mod.native_lib() is None
+    elif ce_mod.native_lib() is None:
+        from lossbench.kernels import native
+
+        pytest.skip(native.unavailable_reason("cross_entropy") or "stale native build")
+    return path
+
+
+@pytest.fixture(params=["native", "python"])
+def ce_path(request, monkeypatch):
+    return _use_path(request.param, monkeypatch)
+
+
 def _ignored(y, frac, gen):
     y = y.clone()
     y[torch.rand(y.shape[0], generator=gen) < frac] = -100
@@ -59,7 +77,9 @@ def _check_ignored_rows_zero(grad, target):
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("ignore_frac", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_ce_grid(dtype, C, reduction, weighted, ignore_frac, eps):
+@pytest.mark.parametrize("path", ["native", pytest.param("python", marks=pytest.mark.slow)])
+def test_ce_grid(dtype, C, reduction, weighted, ignore_frac, eps, path, monkeypatch):
+    _use_path(path, monkeypatch)  # the Python path's grid is in the slow tier: the fast one keeps the kernel's
     gen = torch.Generator().manual_seed(hash((C, reduction, weighted, ignore_frac, eps)) % 2**31)
     N = 37
     logits = (3 * torch.randn(N, C, generator=gen)).to(dtype)
@@ -83,7 +103,7 @@ def test_ce_grid(dtype, C, reduction, weighted, ignore_frac, eps):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_ce_dtypes_default_chunks(dtype, reduction):
+def test_ce_dtypes_default_chunks(dtype, reduction, ce_path):
     gen = torch.Generator().manual_seed(1)
     N, C = 300, 2000
     logits = torch.randn(N, C, generator=gen).to(dtype)
@@ -99,7 +119,7 @@ def test_ce_dtypes_default_chunks(dtype, reduction):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_ce_noncontiguous(dtype):
+def test_ce_noncontiguous(dtype, ce_path):
     gen = torch.Generator().manual_seed(2)
     N, C = 50, 1000
     logits = torch.randn(N, C, generator=gen).to(dtype).t().contiguous().t()
@@ -116,7 +136,7 @@ def test_ce_noncontiguous(dtype):
         _check_ignored_rows_zero(g, target)
 
 
-def test_ce_extreme_logits_underflowing_target():
+def test_ce_extreme_logits_underflowing_target(ce_path):
     """p_y below the float32 range: the loss comes from the row max, not from log(p_y)."""
     N, C = 6, 500
     gen = torch.Generator().manual_seed(3)
@@ -134,7 +154,7 @@ def test_ce_extreme_logits_underflowing_target():
 
 @pytest.mark.parametrize("dtype,offset", [(torch.float32, 200.0), (torch.float64, 1000.0)])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_ce_shifted_exp_guard(dtype, offset, eps):
+def test_ce_shifted_exp_guard(dtype, offset, eps, ce_path):
     """Row maxima beyond exp's range (both signs): the chunk falls back to exp(x - max)."""
     gen = torch.Generator().manual_seed(16)
     N, C = 24, 300
@@ -173,7 +193,7 @@ def _peaked_logits(N, C, gen):
 
 @pytest.mark.parametrize("dtype,factor", [(torch.float32, 8.0), (torch.bfloat16, 2.0)])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_ce_peaked_rows_near_rounding_floor(dtype, factor, reduction):
+def test_ce_peaked_rows_near_rounding_floor(dtype, factor, reduction, ce_path):
     gen = torch.Generator().manual_seed(4)
     N, C = 16, 32000
     logits64, target = _peaked_logits(N, C, gen)
@@ -197,7 +217,7 @@ def test_ce_peaked_rows_near_rounding_floor(dtype, factor, reduction):
 # --- gradcheck --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("eps,weighted", [(0.0, False), (0.2, True)])
-def test_ce_gradcheck(reduction, eps, weighted):
+def test_ce_gradcheck(reduction, eps, weighted, ce_path):
     gen = torch.Generator().manual_seed(5)
     N, C = 6, 9
     x = torch.randn(N, C, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -237,7 +257,7 @@ def test_linear_ce_gradcheck(reduction, bias):
 
 
 # --- backward semantics -----------------------------------------------------------------------------
-def test_ce_retain_graph_and_no_copy():
+def test_ce_retain_graph_and_no_copy(ce_path):
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(20, 300, generator=gen, requires_grad=True)
     target = torch.randint(0, 300, (20,), generator=gen)
@@ -256,7 +276,7 @@ def test_ce_retain_graph_and_no_copy():
         loss.backward()
 
 
-def test_no_grad_forward_matches():
+def test_no_grad_forward_matches(ce_path):
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(40, 700, generator=gen)
     target = torch.randint(0, 700, (40,), generator=gen)

@@ -139,3 +139,220 @@ def test_exp_ulp_dense_range_and_specials():
     want = torch.exp(sp)
     assert torch.isnan(got[0])
     assert torch.equal(got[1:], want[1:]), (got, want)
+
+
+# --- the run-time convention note ------------------------------------------------------------------
+def _fused_ce():
+    from lossbench import registry
+
+    return next(i for i in registry.implementations("ce") if i.name == "fused")
+
+
+def test_fused_rows_note_the_fallback(monkeypatch):
+    from lossbench import records, sweep
+    from lossbench.cases import Case
+
+    impl = _fused_ce()
+    case = Case.make("ce", 8, 16, "float32", "cpu")
+    monkeypatch.setenv("LOSSBENCH_NATIVE", "0")
+    rows = list(sweep.impl_rows({}, case, impl, ["fwd", "fwd_bwd"], status="ok"))
+    assert all(r["convention"] == "native kernel unavailable, Python fallback (native kernels disabled "
+               "(LOSSBENCH_NATIVE=0))" for r in rows)
+    assert set(rows[0]) == set(records.COLUMNS)
+    # not on CUDA (the Triton kernel runs there), and a static convention is kept in front of the note
+    assert impl.convention_for(Case.make("ce", 8, 16, "float32", "cuda")) is None
+    import dataclasses
+    both = dataclasses.replace(impl, convention="clamps at 1e-10")
+    assert both.convention_for(case).startswith("clamps at 1e-10; native kernel unavailable")
+    broken = dataclasses.replace(impl, note=lambda c: 1 / 0)
+    assert broken.convention_for(case) == "note unavailable: ZeroDivisionError"
+    monkeypatch.setenv("LOSSBENCH_NATIVE", "1")
+    if native.unavailable_reason("cross_entropy") is None:
+        assert impl.convention_for(case) is None
+        assert all(r["convention"] is None for r in sweep.impl_rows({}, case, impl, ["fwd"], status="ok"))
+
+
+# --- the cross-entropy kernel ------------------------------------------------------------------------
+from lossbench import reference  # noqa: E402
+from lossbench.kernels.cpu import cross_entropy  # noqa: E402
+from lossbench.runners.accuracy import rel_l2, worst_row_err  # noqa: E402
+
+ce_mod = sys.modules["lossbench.kernels.cpu.cross_entropy"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float64: 1e-12}
+
+
+@pytest.fixture
+def lib():
+    lib = ce_mod.native_lib()
+    if lib is None:
+        pytest.skip(native.unavailable_reason("cross_entropy") or "stale build")
+    return lib
+
+
+def _ref(x, target, go, weight=None, **kw):
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = None if weight is None else weight.double()
+    loss = reference.definition("ce")(x64, target, weight=w64, ignore_index=-100, **kw)
+    (g,) = torch.autograd.grad(loss, x64, go.double())
+    return loss.detach(), g
+
+
+def _run(x, target, go, **kw):
+    x = x.detach().clone().requires_grad_(True)
+    loss = cross_entropy(x, target, **kw)
+    loss.backward(go)
+    return loss.detach(), x.grad
+
+
+def _peaked(N, C, gen, lo=0.9, hi=0.9999):
+    x = torch.randn(N, C, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, C, (N,), generator=gen)
+    p = lo + (hi - lo) * torch.rand(N, generator=gen, dtype=torch.float64)
+    others = x.scatter(1, y.unsqueeze(1), -math.inf).logsumexp(1)
+    x[torch.arange(N), y] = torch.log(p / (1 - p)) + others
+    return x, y
+
+
+import math  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted,eps,ignore", [(False, 0.0, 0.0), (True, 0.0, 0.3), (False, 0.1, 0.3),
+                                                  (True, 0.2, 0.0)])
+@pytest.mark.parametrize("unit_go", [True, False])
+def test_ce_kernel_every_option(lib, dtype, reduction, weighted, eps, ignore, unit_go):
+    """grad_output 1 (the gradient the forward wrote, returned as is) and any other (the rescaling
+    pass), on every option and dtype, peaked rows included, against the float64 definition."""
+    gen = torch.Generator().manual_seed(hash((reduction, weighted, eps, ignore)) % 2**31)
+    N, C = 40, 1537
+    x64, y = _peaked(N, C, gen)
+    x64[::2] = 3 * torch.randn(N // 2, C, generator=gen, dtype=torch.float64)  # half the rows unsure
+    x = x64.to(dtype)
+    y[torch.rand(N, generator=gen) < ignore] = -100
+    w = (0.5 + torch.rand(C, generator=gen)).to(dtype) if weighted else None
+    if unit_go:
+        go = torch.ones(N) if reduction == "none" else torch.tensor(1.0)
+    else:
+        go = torch.randn(N, generator=gen) if reduction == "none" else torch.tensor(1.7)
+    go = go.to(dtype)
+    kw = dict(weight=w, reduction=reduction, label_smoothing=eps)
+    ref_loss, ref_g = _ref(x, y, go, **kw)
+    loss, g = _run(x, y, go, **kw)
+    assert loss.dtype == dtype and g.dtype == dtype and g.shape == x.shape and g.is_contiguous()
+    floor_g = worst_row_err(ref_g.to(dtype).double(), ref_g)
+    assert worst_row_err(g.double(), ref_g) <= max(4 * floor_g, TOL[dtype] if dtype != torch.bfloat16 else 0), \
+        (worst_row_err(g.double(), ref_g), floor_g)
+    floor_l = worst_row_err(ref_loss.to(dtype).double().reshape(-1, 1), ref_loss.reshape(-1, 1))
+    assert worst_row_err(loss.double().reshape(-1, 1), ref_loss.reshape(-1, 1)) <= max(2 * floor_l, TOL[dtype])
+    ign = y == -100
+    assert bool((g[ign] == 0).all()) and (reduction != "none" or bool((loss[ign] == 0).all()))
+
+
+def test_ce_kernel_unit_grad_output_adopts_the_buffer(lib):
+    """grad_output 1: backward returns the forward's buffer itself (no copy, no pass); a large one is
+    recycled once .grad is dropped; retain_graph keeps the stored gradient intact."""
+    from lossbench.kernels.native import _RECYCLE_MIN_BYTES
+
+    gen = torch.Generator().manual_seed(3)
+    N, C = 2 * (_RECYCLE_MIN_BYTES // (4 * 4096)), 4096  # 128 MiB of float32: a recycled buffer
+    x = torch.randn(N, C, generator=gen).requires_grad_(True)
+    y = torch.randint(0, C, (N,), generator=gen)
+    cross_entropy(x, y).backward()
+    p0 = x.grad.data_ptr()
+    g0 = x.grad[:4].clone()
+    x.grad = None
+    cross_entropy(x, y).backward()
+    assert x.grad.data_ptr() == p0 and torch.equal(x.grad[:4], g0)  # the same pages again
+    held = x.grad
+    x.grad = None
+    cross_entropy(x, y).backward()
+    assert x.grad.data_ptr() != held.data_ptr()  # never reused while someone holds it
+    assert torch.equal(held[:4], g0)
+    del held
+    small = torch.randn(8, 50, generator=gen, requires_grad=True)
+    loss = cross_entropy(small, y[:8] % 50, reduction="sum")
+    loss.backward(retain_graph=True)
+    first = small.grad.clone()
+    loss.backward()  # second backward of the same graph: the stored gradient was not handed out
+    assert torch.allclose(small.grad, 2 * first)
+    native.release_buffers()
+
+
+def test_ce_kernel_errors_are_one_line(lib):
+    x = torch.randn(4, 10)
+    with pytest.raises(IndexError, match=r"^Target 10 is out of bounds\.$"):
+        cross_entropy(x, torch.tensor([0, 1, 10, 2]))
+    with pytest.raises(IndexError, match="Target -3"):
+        cross_entropy(x, torch.tensor([0, -3, 1, 2]))
+    with pytest.raises(ValueError, match=r"weight must have shape \(10,\)"):
+        cross_entropy(x, torch.tensor([0, 1, 2, 3]), weight=torch.ones(9))
+    with pytest.raises(ValueError, match="not a valid value for reduction"):
+        cross_entropy(x, torch.tensor([0, 1, 2, 3]), reduction="avg")
+    with pytest.raises(NotImplementedError, match="2-D"):
+        cross_entropy(torch.randn(2, 3, 4), torch.zeros(2, 4, dtype=torch.long))
+    # out-of-range targets on ignored rows are fine; -100 is ignore_index by default
+    out = cross_entropy(x, torch.tensor([0, -100, 1, 2]), ignore_index=-100)
+    assert torch.isfinite(out)
+
+
+def test_ce_kernel_specials(lib):
+    """Non-finite logits behave as torch's; a mean over zero total weight is NaN with a zero gradient;
+    extreme but finite rows stay exact (shifted exp, underflowing p_y)."""
+    x = torch.randn(5, 300)
+    x[0, 3] = float("nan")
+    x[1, 4] = float("inf")
+    x[2, 5] = -float("inf")
+    x[3] += 1e4
+    x[4] -= 1e4
+    y = torch.tensor([1, 4, 6, 7, 8])
+    got = cross_entropy(x, y, reduction="none")
+    want = torch.nn.functional.cross_entropy(x.double(), y, reduction="none")
+    assert torch.isnan(got[0]) and torch.isnan(want[0])
+    assert torch.allclose(got[2:].double(), want[2:], rtol=1e-6) and torch.isnan(got[1]) == torch.isnan(want[1])
+    w = torch.zeros(300)
+    xx = torch.randn(5, 300, requires_grad=True)
+    out = cross_entropy(xx, y, weight=w)
+    out.backward()
+    assert torch.isnan(out) and bool((xx.grad == 0).all())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ce_kernel_large_vocab_peaked(lib, dtype):
+    """The benchmark's class count, confident rows (p_y up to 1 - 1e-6): every row's target entry
+    -(1 - p_y) and its loss stay within a small multiple of the dtype's rounding floor."""
+    gen = torch.Generator().manual_seed(11)
+    N, C = 24, 32768
+    x64, y = _peaked(N, C, gen, 0.99, 0.999999)
+    x = x64.to(dtype)
+    go = torch.randn(N, generator=gen).to(dtype)
+    ref_loss, ref_g = _ref(x, y, go, reduction="none")
+    loss, g = _run(x, y, go, reduction="none")
+    floor_g = worst_row_err(ref_g.to(dtype).double(), ref_g)
+    assert worst_row_err(g.double(), ref_g) <= 4 * floor_g
+    rel = ((loss.double() - ref_loss).abs() / ref_loss.abs()).max().item()
+    assert rel <= 2 * torch.finfo(dtype).eps
+
+
+def test_ce_kernel_threads_and_noncontiguous(lib):
+    """The same numbers on 1 and 2 threads (rows are independent: no cross-row sums in the kernel),
+    and for a non-contiguous input (row stride, or transposed)."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(33, 777, generator=gen)
+    y = torch.randint(0, 777, (33,), generator=gen)
+    n0 = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        l1, g1 = _run(x, y, torch.tensor(0.7), label_smoothing=0.1)
+        torch.set_num_threads(2)
+        l2, g2 = _run(x, y, torch.tensor(0.7), label_smoothing=0.1)
+    finally:
+        torch.set_num_threads(n0)
+    assert torch.equal(l1, l2) and torch.equal(g1, g2)
+    wide = torch.randn(33, 1000, generator=gen)[:, :777]
+    wide.copy_(x)
+    lt, gt = _run(x.t().contiguous().t(), y, torch.tensor(0.7), label_smoothing=0.1)
+    lw, gw = _run(wide, y, torch.tensor(0.7), label_smoothing=0.1)
+    assert torch.equal(lt, l1) and torch.equal(gt, g1) and torch.equal(lw, l1) and torch.equal(gw, g1)

@@ -3,7 +3,9 @@
 - fused_triton: the Triton kernels (lossbench/kernels/triton). On CUDA; on the CPU only under
   TRITON_INTERPRET=1, for correctness (an interpreter's times mean nothing), else `unsupported`.
 - fused:        the fused CPU paths (lossbench/kernels/cpu): gradient computed in the forward pass
-  over row chunks that stay in cache; on CUDA it dispatches to the Triton kernels.
+  over row chunks that stay in cache; on CUDA it dispatches to the Triton kernels. Where a compiled
+  kernel exists (lossbench/kernels/native) it runs; without a compiler the Python path does, and the
+  row's convention says so (the `note` hook).
 Both compute the gradient during the forward pass (grad_in_forward): their `fwd` time includes
 gradient work and is not comparable with torch's forward alone; compare `fwd_bwd`.
 Kernels are imported on first call: importing triton costs a second, and the interpreter must be
@@ -12,6 +14,7 @@ chosen from the environment at call time.
 from __future__ import annotations
 
 from ..implementation import builtin
+from ..kernels.native import cpu_row_note
 
 
 def _triton(device):
@@ -42,7 +45,8 @@ def ce_fused_triton(logits, target, **kwargs):
 
 
 @builtin(family="ce", name="fused", unsupported=_CE_UNSUPPORTED, grad_in_forward=True,
-          description="CPU: gradient in forward over cache-sized row chunks; CUDA: the Triton kernel")
+          description="CPU: compiled kernel, gradient in forward, one read of each row; CUDA: the Triton kernel",
+          note=cpu_row_note("cross_entropy"))
 def ce_fused(logits, target, **kwargs):
     return _for(logits.device).cross_entropy(logits, target, **kwargs)
 

@@ -147,7 +147,7 @@ class Bench:
     def case_fields(self) -> dict:
         """The row's case columns, as records.row writes them for lossbench's own runs."""
         row = records.row({}, self.case, self.impl.name, MODE, grad_in_forward=self.impl.grad_in_forward,
-                          convention=self.impl.convention or None)
+                          convention=self.impl.convention_for(self.case))
         return {k: row[k] for k in (*records.CASE, "grad_in_forward", "convention")}
 
 

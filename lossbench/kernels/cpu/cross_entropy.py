@@ -438,11 +438,135 @@ class _CrossEntropy(torch.autograd.Function):
         return g, None, None, None, None, None, None
 
 
+# --- the compiled kernel (lossbench/kernels/native/cross_entropy.cpp) --------------------------------
+# Same algorithm and accuracy argument as above, one C++ pass per row instead of torch ops per chunk:
+# each row is read from memory once (row max; the exp pass re-reads it from L2), and the forward writes
+# the *final* gradient for grad_output == 1 (1 / total, class weight, the mean's 1 / denominator, 0 on
+# ignored rows all applied there, the target entry from q in double), so that backward is a no-op
+# handing the buffer to autograd when grad_output is 1. Any other grad_output costs one in-place scaling
+# pass (the target entries recomputed in double from the stored row statistics). The buffer is
+# recycled between calls (native.grad_buffer: page faults of a fresh 1 GiB buffer cost more than the
+# kernel). Without a compiler (or with LOSSBENCH_NATIVE=0) the Python path above runs, and the `fused`
+# rows say so in their convention column (native.cpu_row_note).
+
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+
+
+class _NativeArgs(ctypes.Structure):  # mirrors `struct Args` in cross_entropy.cpp
+    _fields_ = [("x", ctypes.c_void_p), ("N", ctypes.c_int64), ("C", ctypes.c_int64), ("ldx", ctypes.c_int64),
+                ("y", ctypes.c_void_p), ("ignore_index", ctypes.c_int64), ("wy", ctypes.c_void_p),
+                ("w", ctypes.c_void_p), ("eps", ctypes.c_double), ("W", ctypes.c_double),
+                ("kmean", ctypes.c_double), ("loss", ctypes.c_void_p), ("stats", ctypes.c_void_p),
+                ("go", ctypes.c_void_p), ("go_scalar", ctypes.c_double), ("G", ctypes.c_void_p),
+                ("Gout", ctypes.c_void_p)]
+
+
+def native_lib():
+    """The compiled kernel library, or None (no compiler, a build error, LOSSBENCH_NATIVE=0)."""
+    from .. import native
+
+    try:
+        lib = native.load("cross_entropy")
+    except native.NativeUnavailable:
+        return None
+    if lib.lb_ce_args_size() != ctypes.sizeof(_NativeArgs):  # a stale build of another layout
+        return None
+    return lib
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+class _NativeCall:
+    """One call's tensors (kept alive while the kernel may use them) and its argument block."""
+
+    def __init__(self, logits, target, weight, ignore_index, reduction, label_smoothing):
+        N, C = logits.shape
+        x = logits.detach()
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        cd = compute_dtype(logits.dtype)
+        y = target.detach().to(torch.int64).contiguous()
+        keep = y != ignore_index
+        bad = keep & ((y < 0) | (y >= C))
+        if bool(bad.any()):
+            raise IndexError(f"Target {int(y[bad][0])} is out of bounds.")
+        if weight is not None:
+            if weight.dim() != 1 or weight.shape[0] != C:
+                raise ValueError(f"weight must have shape ({C},), got {tuple(weight.shape)}")
+            w64 = weight.detach().to(torch.float64)
+            wy = (w64[torch.where(keep, y, torch.zeros_like(y))] * keep).contiguous()
+            W, total = float(w64.sum()), float(wy.sum())
+            w = weight.detach().to(cd).contiguous()
+        else:
+            wy = w = None
+            W, total = float(C), float(keep.sum())
+        kmean = (1.0 / total if total != 0 else 0.0) if reduction == "mean" else 1.0
+        self.tensors = (x, y, wy, w)
+        self.loss = torch.empty(N, dtype=torch.float64)
+        self.stats = torch.empty((N, 3), dtype=torch.float64)
+        self.total, self.code = total, _DTYPE_CODE[logits.dtype]
+        self.args = _NativeArgs(_ptr(x), N, C, x.stride(0), _ptr(y), int(ignore_index), _ptr(wy), _ptr(w),
+                                float(label_smoothing), W, kmean, _ptr(self.loss), _ptr(self.stats), None, 1.0,
+                                None, None)
+
+
+class _NativeCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, lib):
+        call = _NativeCall(logits, target, weight, ignore_index, reduction, label_smoothing)
+        G = None
+        if ctx.needs_input_grad[0]:
+            from .. import native
+
+            G = native.grad_buffer(tuple(logits.shape), logits.dtype)
+            call.args.G = G.data_ptr()
+        lib.lb_ce_forward(call.code, ctypes.byref(call.args))
+        ctx.G, ctx.call, ctx.lib, ctx.reduction = G, call, lib, reduction
+        return reduce_rows(call.loss, reduction, call.total, logits.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        G = ctx.G
+        if G is None:
+            raise RuntimeError("fused cross_entropy: backward through the graph a second time; "
+                               "use retain_graph=True the first time")
+        keep = keep_graph()
+        if not keep:
+            ctx.G = None  # hand the buffer to autograd: it becomes logits.grad without a copy
+        go = grad_output.detach().to(torch.float64)
+        if ctx.reduction == "none":
+            go = go.reshape(-1).contiguous()
+            ones = bool((go == 1.0).all())
+        else:
+            go = float(go.reshape(()))
+            ones = go == 1.0
+        if ones:  # the forward wrote exactly this gradient
+            return (G.clone() if keep else G), None, None, None, None, None, None
+        out = torch.empty_like(G) if keep else G
+        call = ctx.call
+        args = _NativeArgs.from_buffer_copy(call.args)
+        args.G, args.Gout = G.data_ptr(), out.data_ptr()
+        if isinstance(go, float):
+            args.go, args.go_scalar = None, go
+        else:
+            args.go = go.data_ptr()
+        ctx.lib.lb_ce_rescale(call.code, ctypes.byref(args))
+        return out, None, None, None, None, None, None
+
+
 def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                   chunk_rows=None):
-    """F.cross_entropy for 2-D logits [N, C] and class-index targets [N], fused on CPU."""
+    """F.cross_entropy for 2-D logits [N, C] and class-index targets [N], fused on CPU: the compiled
+    kernel when it builds here, else the Python path (chunk_rows: its chunk size, for tests)."""
     _validate(logits, target, reduction, float(label_smoothing))
     if weight is not None and weight.requires_grad:
         raise NotImplementedError("gradient with respect to class weights is not supported")
+    lib = native_lib()
+    if lib is not None:
+        return _NativeCrossEntropy.apply(logits, target, weight, int(ignore_index), reduction,
+                                         float(label_smoothing), lib)
     return _CrossEntropy.apply(logits, target, weight, int(ignore_index), reduction, float(label_smoothing),
                                chunk_rows)

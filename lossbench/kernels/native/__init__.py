@@ -33,14 +33,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["NativeUnavailable", "load", "unavailable_reason", "disabled", "build_dir", "CFLAGS"]
+__all__ = ["NativeUnavailable", "load", "unavailable_reason", "fallback_note", "cpu_row_note", "grad_buffer", "disabled",
+           "build_dir", "CFLAGS"]
 
 SRC_DIR = Path(__file__).resolve().parent
 
 # -O3 vectorises the kernels' loops; -march=native picks the widest vector unit the CPU has (AVX2 + FMA,
 # AVX-512). No -ffast-math: the kernels rely on NaN and infinity semantics and on the order of their
-# sums (they are written with explicit partial sums so that vectorisation needs no reassociation).
-CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-DNDEBUG"]
+# sums; -fopenmp-simd enables `#pragma omp simd reduction` (vectorised reductions, no OpenMP runtime).
+CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-DNDEBUG"]
 
 
 class NativeUnavailable(RuntimeError):
@@ -193,3 +194,52 @@ def fallback_note(name: str) -> str | None:
     """The one-line note a row carries when an implementation fell back from kernel `name`."""
     reason = unavailable_reason(name)
     return None if reason is None else f"native kernel unavailable, Python fallback ({reason})"
+
+
+def cpu_row_note(name: str):
+    """An Implementation `note` (see lossbench/implementation.py) for an implementation that runs kernel
+    `name` on the CPU and falls back without it: rows on the CPU carry fallback_note(name)."""
+    def note(case) -> str | None:
+        if str(getattr(case, "device", "cpu")).split(":")[0] != "cpu":
+            return None
+        return fallback_note(name)
+
+    return note
+
+
+# --- gradient buffers ----------------------------------------------------------------------------
+# torch's CPU allocator returns every large block to the OS (glibc munmaps allocations above 32 MiB), so
+# a fresh 1 GiB gradient is 262144 page faults, each zeroing a page, on every call: measured here
+# (2026-12-05, 2 cores) writing a fresh 1 GiB tensor takes 283 ms, writing an already mapped one 39 ms,
+# more than the whole kernel. Like CUDA's caching allocator, the kernels therefore reuse the storage of
+# their last large gradient once nobody else holds it (the caller dropped .grad): the cache holds only
+# the storage, never a tensor, so autograd still adopts the returned gradient as .grad without a copy.
+# At most one storage per thread of callers is kept; release_buffers() frees it.
+_RECYCLE_MIN_BYTES = 64 << 20
+_spare: dict[int, torch.UntypedStorage] = {}
+
+
+def grad_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised contiguous tensor, on the recycled storage when the last one is free."""
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if nbytes < _RECYCLE_MIN_BYTES:
+        return torch.empty(shape, dtype=dtype)
+    key = threading.get_ident()
+    st = _spare.get(key)
+    if st is None or st.nbytes() < nbytes or torch._C._storage_Use_Count(st._cdata) != 1:
+        st = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
+        _spare[key] = st
+    strides = []
+    acc = 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= int(s)
+    return torch.empty(0, dtype=dtype).set_(st, 0, tuple(shape), tuple(reversed(strides)))
+
+
+def release_buffers() -> None:
+    """Drop the recycled gradient storages (their memory returns to the OS once no tensor uses it)."""
+    _spare.clear()

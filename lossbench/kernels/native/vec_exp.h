@@ -30,9 +30,9 @@ static inline float exp_f32(float x) {
   const float LN2_HI = 0.693145751953125f;       // 0x3f317200
   const float LN2_LO = 1.42860682030941723212e-06f;  // ln 2 - LN2_HI
   const float SHIFTER = 12582912.0f;             // 1.5 * 2^23
-  // clamp (NaN passes through both comparisons unchanged)
-  float xc = x < -105.0f ? -105.0f : x;
-  xc = xc > 89.0f ? 89.0f : xc;
+  // clamp (a NaN may come out as either bound: the last line restores it); min / max instructions
+  float xc = x > -105.0f ? x : -105.0f;
+  xc = xc < 89.0f ? xc : 89.0f;
   float t = xc * LOG2E + SHIFTER;
   int32_t n = (int32_t)(float_to_bits(t) - float_to_bits(SHIFTER));  // round(xc / ln 2), in [-152, 129]
   float nf = t - SHIFTER;
