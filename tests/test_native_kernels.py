@@ -250,34 +250,43 @@ def test_ce_kernel_every_option(lib, dtype, reduction, weighted, eps, ignore, un
     assert bool((g[ign] == 0).all()) and (reduction != "none" or bool((loss[ign] == 0).all()))
 
 
-def test_ce_kernel_unit_grad_output_adopts_the_buffer(lib):
-    """grad_output 1: backward returns the forward's buffer itself (no copy, no pass); a large one is
-    recycled once .grad is dropped; retain_graph keeps the stored gradient intact."""
-    from lossbench.kernels.native import _RECYCLE_MIN_BYTES
+def test_ce_kernel_unit_grad_output_adopts_the_buffer(lib, monkeypatch):
+    """grad_output 1: backward returns the forward's buffer itself (no copy, no pass); any other
+    grad_output scales it in place; retain_graph keeps the stored gradient intact."""
+    made = []
+    real = native.grad_buffer
+    def record(*a):
+        t = real(*a)
+        made.append(t.data_ptr())  # the address only: a held reference would make autograd copy
+        return t
 
+    monkeypatch.setattr(native, "grad_buffer", record)
     gen = torch.Generator().manual_seed(3)
-    N, C = 2 * (_RECYCLE_MIN_BYTES // (4 * 4096)), 4096  # 128 MiB of float32: a recycled buffer
-    x = torch.randn(N, C, generator=gen).requires_grad_(True)
-    y = torch.randint(0, C, (N,), generator=gen)
+    x = torch.randn(64, 300, generator=gen).requires_grad_(True)
+    y = torch.randint(0, 300, (64,), generator=gen)
     cross_entropy(x, y).backward()
-    p0 = x.grad.data_ptr()
-    g0 = x.grad[:4].clone()
+    assert x.grad.data_ptr() == made[-1]
+    g1 = x.grad
     x.grad = None
-    cross_entropy(x, y).backward()
-    assert x.grad.data_ptr() == p0 and torch.equal(x.grad[:4], g0)  # the same pages again
-    held = x.grad
-    x.grad = None
-    cross_entropy(x, y).backward()
-    assert x.grad.data_ptr() != held.data_ptr()  # never reused while someone holds it
-    assert torch.equal(held[:4], g0)
-    del held
+    cross_entropy(x, y).backward(torch.tensor(3.0))
+    assert x.grad.data_ptr() == made[-1]
+    assert torch.allclose(x.grad, 3 * g1, rtol=1e-6, atol=0)
     small = torch.randn(8, 50, generator=gen, requires_grad=True)
-    loss = cross_entropy(small, y[:8] % 50, reduction="sum")
-    loss.backward(retain_graph=True)
-    first = small.grad.clone()
-    loss.backward()  # second backward of the same graph: the stored gradient was not handed out
-    assert torch.allclose(small.grad, 2 * first)
-    native.release_buffers()
+    for go in (1.0, 2.5):
+        small.grad = None
+        loss = cross_entropy(small, y[:8] % 50, reduction="sum")
+        loss.backward(torch.tensor(go), retain_graph=True)
+        first = small.grad.clone()
+        loss.backward(torch.tensor(go))  # the same graph again: the stored gradient was not handed out
+        assert torch.allclose(small.grad, 2 * first)
+
+
+def test_grad_buffer_huge_page_advice():
+    t = native.grad_buffer((3, 5), torch.bfloat16)
+    assert t.shape == (3, 5) and t.dtype == torch.bfloat16 and t.is_contiguous()
+    big = native.grad_buffer((1024, 32768), torch.float32)  # 128 MiB: advised
+    big.fill_(1.0)
+    assert big.is_contiguous() and float(big[-1, -1]) == 1.0
 
 
 def test_ce_kernel_errors_are_one_line(lib):

@@ -445,8 +445,8 @@ class _CrossEntropy(torch.autograd.Function):
 # ignored rows all applied there, the target entry from q in double), so that backward is a no-op
 # handing the buffer to autograd when grad_output is 1. Any other grad_output costs one in-place scaling
 # pass (the target entries recomputed in double from the stored row statistics). The buffer is
-# recycled between calls (native.grad_buffer: page faults of a fresh 1 GiB buffer cost more than the
-# kernel). Without a compiler (or with LOSSBENCH_NATIVE=0) the Python path above runs, and the `fused`
+# advised for huge pages (native.grad_buffer: 4 KiB page faults of a fresh 1 GiB buffer cost more than
+# the kernel). Without a compiler (or with LOSSBENCH_NATIVE=0) the Python path above runs, and the `fused`
 # rows say so in their convention column (native.cpu_row_note).
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
