@@ -84,16 +84,12 @@ inline Coef coef(const Args& A, double wy, double tot, double q, double go) {
   return {k * c1 / tot, k * A.eps / C, k * (A.eps * (A.W - wy) / C - c1 * q / tot)};
 }
 
-// max over a row and, for label smoothing, sum_c w_c x_c in double. `omp simd reduction` (-fopenmp-simd:
-// the pragma only, no OpenMP runtime) lets GCC vectorise the reductions with per-lane partial results in
-// registers, without -ffast-math; a NaN anywhere makes the row's sums NaN later, whatever the max does.
+// `omp simd reduction` (-fopenmp-simd: the pragma only, no OpenMP runtime) lets GCC vectorise the
+// reductions with per-lane partial results in registers, without -ffast-math.
+
+// sum_c w_c x_c (w_c = 1 unweighted) in double: the label-smoothing term
 template <class In, class T>
-void row_max_sx(const In* x, int64_t C, const T* w, bool want_sx, T& m_out, double& sx_out) {
-  T m = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t c = 0; c < C; ++c) { T v = load(x[c]); m = v > m ? v : m; }
-  m_out = m;
-  if (!want_sx) return;
+double row_sx(const In* x, int64_t C, const T* w) {
   double t = 0.0;
   if (w) {
 #pragma omp simd reduction(+ : t)
@@ -102,19 +98,24 @@ void row_max_sx(const In* x, int64_t C, const T* w, bool want_sx, T& m_out, doub
 #pragma omp simd reduction(+ : t)
     for (int64_t c = 0; c < C; ++c) t += (double)load(x[c]);
   }
-  sx_out = t;
+  return t;
 }
 
-// buf[c] = exp(x[c] - shift) for c in [c0, c1), returning their sum (accumulated in double)
+// buf[c] = exp(x[c] - shift) for c in [c0, c1), returning their sum (accumulated in double) and folding
+// the x[c] into the running max m (a NaN is skipped by the max but makes the sum NaN)
 template <class In, class T>
-double exp_sum(const In* x, T* buf, int64_t c0, int64_t c1, T shift) {
+double exp_sum(const In* x, T* buf, int64_t c0, int64_t c1, T shift, T& m) {
   double t = 0.0;
-#pragma omp simd reduction(+ : t)
+  T mm = m;
+#pragma omp simd reduction(+ : t) reduction(max : mm)
   for (int64_t c = c0; c < c1; ++c) {
-    T e = exp_t(load(x[c]) - shift);
+    T v = load(x[c]);
+    mm = v > mm ? v : mm;
+    T e = exp_t(v - shift);
     buf[c] = e;
     t += (double)e;
   }
+  m = mm;
   return t;
 }
 
@@ -172,10 +173,6 @@ void forward(const Args& A) {
       return;
     }
     const In* xr = X + i * A.ldx;
-    T m; double sx = 0.0;
-    row_max_sx<In, T>(xr, C, w, smooth, m, sx);
-    const bool in_range = (double)m >= Limits<T>::lo && (double)m <= Limits<T>::hi;
-    const T shift = in_range ? T(0) : m;
     T* buf;
     if (G && std::is_same<In, T>::value) {
       buf = reinterpret_cast<T*>(G + i * C);
@@ -183,8 +180,18 @@ void forward(const Args& A) {
       if ((int64_t)scratch.size() < C * (int64_t)(sizeof(T) / sizeof(float))) scratch.resize(C * (sizeof(T) / sizeof(float)));
       buf = reinterpret_cast<T*>(scratch.data());
     }
-    double q = exp_sum<In, T>(xr, buf, 0, y, shift);
-    q += exp_sum<In, T>(xr, buf, y + 1, C, shift);
+    // One pass from memory: exp of the unshifted logits (one exp of an exact argument) and the row
+    // max together; a row whose max is out of the safe range is redone as exp(x - max) from L2.
+    T shift = T(0);
+    T m = load(xr[y]);
+    double q = exp_sum<In, T>(xr, buf, 0, y, shift, m);
+    q += exp_sum<In, T>(xr, buf, y + 1, C, shift, m);
+    if (!((double)m >= Limits<T>::lo && (double)m <= Limits<T>::hi)) {
+      shift = m;
+      q = exp_sum<In, T>(xr, buf, 0, y, shift, m);
+      q += exp_sum<In, T>(xr, buf, y + 1, C, shift, m);
+    }
+    const double sx = smooth ? row_sx<In, T>(xr, C, w) : 0.0;
     const double xy = (double)load(xr[y]);
     const double ey = (double)exp_t(load(xr[y]) - shift);
     buf[y] = (T)ey;
