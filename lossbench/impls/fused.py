@@ -58,7 +58,9 @@ def kl_fused_triton(input, target, **kwargs):
 
 
 @builtin(family="kl", name="fused", grad_in_forward=True,
-          description="CPU: loss and gradient in one pass over row chunks; CUDA: the Triton kernel")
+          description="CPU: compiled kernel, loss in one read of input and target, gradient in backward from the "
+                      "target; CUDA: the Triton kernel",
+          note=cpu_row_note("kl_div"))
 def kl_fused(input, target, **kwargs):
     return _for(input.device).kl_div(input, target, **kwargs)
 
