@@ -9,12 +9,23 @@ so the row factors never cost a pass over the [chunk, V] buffer. For mean/sum, t
 the gradients with grad_output = 1 and backward scales them; reduction="none" has a per-row
 grad_output only known in backward, so its forward computes the loss alone and backward runs the
 sweep again with the factors times grad_output.
+
+The per-chunk cross-entropy is the compiled kernel (lossbench/kernels/native/cross_entropy.cpp) where it
+builds: it writes the chunk's *final* logits gradient (softmax share from the row sum of the other
+classes, never 1 - p_y as a difference; the mean's 1 / total and, for "none" in backward, each row's
+grad_output folded in, in float64) into a float32 buffer, so the three products need no row factors.
+Without it (or with LOSSBENCH_NATIVE=0) the Python chunk kernel (CERows) runs.
 """
 from __future__ import annotations
+
+import ctypes
 
 import torch
 
 from .cross_entropy import _REDUCTIONS, CERows, keep_graph, reduce_rows
+from .cross_entropy import _DTYPE_CODE as _CE_DTYPE_CODE
+from .cross_entropy import _NativeArgs as _CEArgs
+from .cross_entropy import native_lib as ce_native_lib
 
 __all__ = ["linear_cross_entropy"]
 
@@ -75,6 +86,67 @@ def _sweep(hidden, weight, bias, target, opts, factors, chunk_rows, need_grads):
     return st.finish(), gh, gw, gb
 
 
+def _sweep_native(lib, hidden, weight, bias, y, opts, kmean, go, chunk_rows, need_grads):
+    """_sweep with the compiled cross-entropy per chunk. y: int64 targets [N] (validated); kmean: the
+    mean's 1 / total (1 otherwise); go: float64 per-row grad_output [N] (reduction="none" in backward)
+    or None (1). Returns the float64 loss rows and the gradients, already scaled."""
+    ignore_index, eps, _ = opts
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dtype = hidden.dtype
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    code = _CE_DTYPE_CODE[cd]  # the kernel reads the chunk's logits in the compute dtype
+    R = max(1, min(int(chunk_rows), N))
+    logits_buf = torch.empty((R, V), dtype=dtype)
+    lc = logits_buf if dtype == cd else torch.empty((R, V), dtype=cd)
+    G = torch.empty((R, V), dtype=cd) if need_grads else None
+    loss = torch.empty(N, dtype=torch.float64)
+    stats = torch.empty((N, 3), dtype=torch.float64)
+    gh = gw = gb = None
+    if need_grads:
+        gh = torch.empty((N, H), dtype=dtype)
+        gw = torch.zeros((V, H), dtype=cd)
+        gb = torch.zeros((V,), dtype=cd) if bias is not None else None
+    wt = weight.t()
+    args = _CEArgs(None, 0, V, V, None, int(ignore_index), None, None, float(eps), float(V), float(kmean),
+                   None, None, None, 1.0, None, None)
+    for r0 in range(0, N, R):
+        r1 = min(N, r0 + R)
+        m = r1 - r0
+        hc = hidden[r0:r1]
+        L = logits_buf[:m]
+        if bias is not None:
+            torch.addmm(bias, hc, wt, out=L)
+        else:
+            torch.mm(hc, wt, out=L)
+        X = L if lc is logits_buf else lc[:m].copy_(L)
+        args.x, args.N, args.y = X.data_ptr(), m, y[r0:r1].data_ptr()
+        args.loss, args.stats = loss[r0:r1].data_ptr(), stats[r0:r1].data_ptr()
+        args.go = None if go is None else go[r0:r1].data_ptr()
+        args.G = None if G is None else G.data_ptr()
+        if lib.lb_ce_forward(code, ctypes.byref(args)) != 0:
+            raise RuntimeError(f"linear_cross_entropy native: dtype {cd} rejected")
+        if not need_grads:
+            continue
+        Gc = G[:m]
+        # grad_hidden = G @ W; low precision: G rounded once to the input dtype, as torch's own logits
+        # gradient is, and multiplied in the input dtype like F.linear's backward
+        Gl = Gc if dtype == cd else L.copy_(Gc)
+        torch.mm(Gl, weight, out=gh[r0:r1])
+        gw.addmm_(Gc.t(), hc.to(cd))  # in the compute dtype
+        if gb is not None:
+            gb.add_(Gc.sum(0))
+    return loss, gh, gw, gb
+
+
+def _native_targets(target, V, ignore_index):
+    y = target.detach().to(torch.int64).contiguous()
+    bad = (y != ignore_index) & ((y < 0) | (y >= V))
+    if bool(bad.any()):
+        raise IndexError(f"Target {int(y[bad][0])} is out of bounds.")
+    return y
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, ignore_index, reduction, label_smoothing, chunk_rows):
@@ -86,7 +158,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             chunk_rows = max(1, CHUNK_BYTES // max(1, V * 4))
         need = any(ctx.needs_input_grad[:3])
         eager_grads = need and reduction != "none"
-        loss_rows, gh, gw, gb = _sweep(hidden, weight, bias, target, opts, factors, chunk_rows, eager_grads)
+        lib = ce_native_lib()
+        if lib is not None:
+            y = _native_targets(target, V, ignore_index)
+            kmean = (1.0 / total if total != 0 else 0.0) if reduction == "mean" else 1.0
+            loss_rows, gh, gw, gb = _sweep_native(lib, hidden, weight, bias, y, opts, kmean, None, chunk_rows,
+                                                  eager_grads)
+            ctx.native = (lib, y, kmean)
+        else:
+            loss_rows, gh, gw, gb = _sweep(hidden, weight, bias, target, opts, factors, chunk_rows, eager_grads)
+            ctx.native = None
         ctx.grads = (gh, gw, gb) if eager_grads else None
         if need and reduction == "none":
             ctx.save_for_backward(hidden, weight, bias)
@@ -102,8 +183,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.reduction == "none":
             hidden, weight, bias = ctx.saved_tensors
             target, opts, factors, chunk_rows = ctx.sweep_args
-            f = factors * grad_output.to(torch.float64)
-            _, gh, gw, gb = _sweep(hidden, weight, bias, target, opts, f, chunk_rows, True)
+            go = grad_output.to(torch.float64).contiguous()
+            if ctx.native is not None:
+                lib, y, kmean = ctx.native
+                _, gh, gw, gb = _sweep_native(lib, hidden, weight, bias, y, opts, kmean, go, chunk_rows, True)
+            else:
+                _, gh, gw, gb = _sweep(hidden, weight, bias, target, opts, factors * go, chunk_rows, True)
             inplace = True
         else:
             if ctx.grads is None:
