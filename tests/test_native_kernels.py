@@ -365,3 +365,26 @@ def test_ce_kernel_threads_and_noncontiguous(lib):
     lt, gt = _run(x.t().contiguous().t(), y, torch.tensor(0.7), label_smoothing=0.1)
     lw, gw = _run(wide, y, torch.tensor(0.7), label_smoothing=0.1)
     assert torch.equal(lt, l1) and torch.equal(gt, g1) and torch.equal(lw, l1) and torch.equal(gw, g1)
+
+
+def test_ce_no_grad_forward_computes_no_gradient(monkeypatch, ce_path_any):
+    """Under no_grad (the harness's `fwd` mode) neither path writes a gradient: autograd's
+    needs_input_grad is True there too, so the kernels are told by the caller."""
+    calls = []
+    monkeypatch.setattr(native, "grad_buffer", lambda *a: calls.append(a))
+    monkeypatch.setattr(ce_mod, "alloc_like_rows", lambda *a: calls.append(a))
+    x = torch.randn(6, 40, requires_grad=True)
+    y = torch.randint(0, 40, (6,))
+    with torch.no_grad():
+        loss = cross_entropy(x, y, label_smoothing=0.1)
+    want = torch.nn.functional.cross_entropy(x.detach().double(), y, label_smoothing=0.1)
+    assert abs(loss.item() - want.item()) < 1e-6 and calls == []
+
+
+@pytest.fixture(params=["native", "python"])
+def ce_path_any(request, monkeypatch):
+    if request.param == "python":
+        monkeypatch.setenv("LOSSBENCH_NATIVE", "0")
+    elif ce_mod.native_lib() is None:
+        pytest.skip("no native kernel here")
+    return request.param

@@ -407,8 +407,8 @@ def scale_rows_(G: torch.Tensor, s: torch.Tensor, inplace: bool) -> torch.Tensor
 
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, chunk_rows):
-        need = bool(ctx.needs_input_grad[0])
+    def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, chunk_rows, need):
+        need = need and bool(ctx.needs_input_grad[0])
         loss, G, factors, target_q = ce_forward(logits, target, weight, ignore_index, reduction,
                                                 label_smoothing, need, chunk_rows)
         ctx.G, ctx.factors, ctx.reduction, ctx.target_q = G, factors, reduction, target_q
@@ -435,7 +435,7 @@ class _CrossEntropy(torch.autograd.Function):
             yi, q = ctx.target_q
             rows = torch.arange(g.shape[0], device=g.device)
             g.index_put_((rows, yi.view(-1)), (q.to(torch.float64) * s64).neg_().to(g.dtype))
-        return g, None, None, None, None, None, None
+        return g, None, None, None, None, None, None, None
 
 
 # --- the compiled kernel (lossbench/kernels/native/cross_entropy.cpp) --------------------------------
@@ -514,10 +514,10 @@ class _NativeCall:
 
 class _NativeCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, lib):
+    def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, lib, need):
         call = _NativeCall(logits, target, weight, ignore_index, reduction, label_smoothing)
         G = None
-        if ctx.needs_input_grad[0]:
+        if need and ctx.needs_input_grad[0]:
             from .. import native
 
             G = native.grad_buffer(tuple(logits.shape), logits.dtype)
@@ -544,7 +544,7 @@ class _NativeCrossEntropy(torch.autograd.Function):
             go = float(go.reshape(()))
             ones = go == 1.0
         if ones:  # the forward wrote exactly this gradient
-            return (G.clone() if keep else G), None, None, None, None, None, None
+            return (G.clone() if keep else G), None, None, None, None, None, None, None
         out = torch.empty_like(G) if keep else G
         call = ctx.call
         args = _NativeArgs.from_buffer_copy(call.args)
@@ -554,7 +554,7 @@ class _NativeCrossEntropy(torch.autograd.Function):
         else:
             args.go = go.data_ptr()
         ctx.lib.lb_ce_rescale(call.code, ctypes.byref(args))
-        return out, None, None, None, None, None, None
+        return out, None, None, None, None, None, None, None
 
 
 def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
@@ -564,9 +564,11 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
     _validate(logits, target, reduction, float(label_smoothing))
     if weight is not None and weight.requires_grad:
         raise NotImplementedError("gradient with respect to class weights is not supported")
+    # ctx.needs_input_grad is True under no_grad too: a gradient is computed only when a graph is built
+    need = torch.is_grad_enabled() and logits.requires_grad
     lib = native_lib()
     if lib is not None:
         return _NativeCrossEntropy.apply(logits, target, weight, int(ignore_index), reduction,
-                                         float(label_smoothing), lib)
+                                         float(label_smoothing), lib, need)
     return _CrossEntropy.apply(logits, target, weight, int(ignore_index), reduction, float(label_smoothing),
-                               chunk_rows)
+                               chunk_rows, need)
