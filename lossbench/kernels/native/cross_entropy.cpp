@@ -7,9 +7,10 @@
 //  - q = sum over c != y of e_c, accumulated in double: 1 - p_y = q / tot as a sum of positive terms,
 //    never a difference; loss = log1p(q / e_y) in double (from the log-sum-exp when e_y underflows);
 //  - the target's gradient entry is computed in double from q and rounded once.
-// Memory traffic per row: the row is read from memory once (max pass); the exp pass re-reads it from
-// L2 (a 32768-class float32 row is 128 KiB) and writes e into the gradient row (or a per-thread float
-// scratch row for bf16 / fp16), which the scale pass then finishes while it is still in cache.
+// Memory traffic per row: the row is read from memory once, by the exp pass, which also finds the row
+// max (a row whose max is out of the safe range is redone shifted, from L2: a 32768-class float32 row
+// is 128 KiB); e goes into the gradient row (or a per-thread float scratch row for bf16 / fp16), which
+// the scale pass then finishes while it is still in cache.
 // Rows are handed out dynamically to torch's OpenMP threads: on a shared machine a descheduled thread
 // delays only the rows it holds.
 #include <ATen/Parallel.h>
@@ -20,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "vec_exp.h"
