@@ -56,3 +56,16 @@ def pytest_sessionfinish(session, exitstatus):
             session.config.get_terminal_writer().line(
                 f"the fast tier (-m 'not slow') touches no test of: {', '.join(missing)}", red=True)
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_sessionstart(session):
+    """CI (.ci/run) sets LOSSBENCH_REQUIRE_COMPILER=1: there, native kernels that do not build fail the
+    session up front instead of letting their tests skip and `fused` fall back unseen."""
+    if os.environ.get("LOSSBENCH_REQUIRE_COMPILER") == "1":
+        from lossbench.kernels import native
+
+        for name in ("vec_exp", "cross_entropy", "kl_div"):
+            reason = native.unavailable_reason(name)
+            if reason:
+                pytest.exit(f"LOSSBENCH_REQUIRE_COMPILER=1 but the native kernel {name} does not build: {reason}",
+                            returncode=1)
