@@ -15,6 +15,7 @@ import os
 
 import pytest
 
+from lossbench import registry
 from lossbench.families import FAMILIES
 from lossbench.integrations import bench
 
@@ -40,9 +41,13 @@ def _params() -> list:
                 for dtype in g.dtypes:
                     for device in g.devices:
                         # One group per case: pytest-benchmark's table then ranks the implementations of a case.
+                        marks = [pytest.mark.benchmark(group=f"{family}-{shape}-{dtype}-{device}")]
+                        # An implementation that compiles (torch.compile: ~15 s for inductor's first
+                        # compilation with a cold cache) runs in the slow tier only.
+                        if registry.get(family, impl).compiles:
+                            marks.append(pytest.mark.slow)
                         out.append(pytest.param(family, impl, shape, dtype, device,
-                                                id=f"{family}-{impl}-{shape}-{dtype}-{device}",
-                                                marks=pytest.mark.benchmark(group=f"{family}-{shape}-{dtype}-{device}")))
+                                                id=f"{family}-{impl}-{shape}-{dtype}-{device}", marks=marks))
     return out
 
 

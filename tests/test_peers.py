@@ -387,12 +387,14 @@ CCE_VARIANTS = [
 
 
 @pytest.mark.parametrize("opts", CCE_VARIANTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+@pytest.mark.slow  # cut_cross_entropy's torch.compile on the CPU: inductor's cold start
 def test_cce_matches_the_reference(cce, opts):
     r = _measure("cce", _case("linear_ce", 16, 512, h=128, **opts))
     assert r.accuracy_ok, r
     assert not r.mutates_inputs
 
 
+@pytest.mark.slow  # cut_cross_entropy's torch.compile on the CPU: inductor's cold start
 def test_cce_peaked_and_bfloat16(cce):
     assert _measure("cce", _case("linear_ce", 16, 512, "float32", "peaked", h=128)).accuracy_ok
     case = _case("linear_ce", 16, 512, "bfloat16", h=128)
@@ -406,6 +408,7 @@ def test_cce_declares_bias_and_label_smoothing_unsupported(cce):
     assert impl.why_unsupported(_case("linear_ce", 4, 10, h=8, label_smoothing=0.1))
 
 
+@pytest.mark.slow  # cut_cross_entropy's torch.compile on the CPU: inductor's cold start
 def test_cce_mean_over_no_targets(cce):
     case = _case("linear_ce", 8, 64, h=16, ignore_frac=1.0)
     if ON_CPU:  # torch_compile: F.cross_entropy over zero rows, torch's NaN and zero gradient
