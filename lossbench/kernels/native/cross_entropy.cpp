@@ -14,6 +14,7 @@
 // Rows are handed out dynamically to torch's OpenMP threads: on a shared machine a descheduled thread
 // delays only the rows it holds.
 #include <ATen/Parallel.h>
+#include <thread>
 
 #include <algorithm>
 #include <atomic>
@@ -147,7 +148,7 @@ void for_rows(int64_t N, int64_t C, F&& body) {
   const int64_t grab = std::max<int64_t>(1, 8192 / std::max<int64_t>(C, 1));
   std::atomic<int64_t> next{0};
   const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + grab - 1) / grab));
-  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+  auto work = [&] {
     std::vector<float> scratch;
     for (;;) {
       int64_t r0 = next.fetch_add(grab, std::memory_order_relaxed);
@@ -155,7 +156,18 @@ void for_rows(int64_t N, int64_t C, F&& body) {
       int64_t r1 = std::min(N, r0 + grab);
       for (int64_t i = r0; i < r1; ++i) body(i, scratch);
     }
-  });
+  };
+#ifdef _OPENMP
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) { work(); });
+#else
+  // Built without -fopenmp (the loader's flags), at::parallel_for's OpenMP pragma is ignored and it runs
+  // one thread: the workers are std::threads instead, as many as torch.get_num_threads().
+  std::vector<std::thread> pool;
+  pool.reserve(nt - 1);
+  for (int64_t w = 1; w < nt; ++w) pool.emplace_back(work);
+  work();
+  for (auto& th : pool) th.join();
+#endif
 }
 
 template <class In, class T>
