@@ -26,8 +26,6 @@ import sys
 import time
 import traceback
 
-from .. import exit_codes
-
 
 def _send(out, payload: dict) -> None:
     out.write(json.dumps(payload) + "\n")
@@ -196,7 +194,8 @@ def main() -> int:
             text = str(exc).strip().splitlines()
             _send(out, {"error": f"{'' if usage else type(exc).__name__ + ': '}{text[0] if text else ''}",
                         "usage": usage, "traceback": "" if usage else traceback.format_exc()})
-    return exit_codes.OK
+    # Run by path, outside the package: no relative import of exit_codes (its OK is 0).
+    return 0
 
 
 if __name__ == "__main__":
