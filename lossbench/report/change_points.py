@@ -167,16 +167,21 @@ def detect(sig: np.ndarray, noise: float, persist: int = PERSIST) -> list[int]:
 
 
 def find_steps(values, metric: str, noise: float, persist: int = PERSIST, block: float = 0.0,
-               upper=None, raw=None, noise_df: float = math.inf) -> list[Step]:
+               upper=None, raw=None, noise_df: float = math.inf, shas=None) -> list[Step]:
     """The steps of one series (in time order) that pass persistence, minimum effect and significance,
     with their p-values before false-discovery control. persist=1 lets a single run count (for tests).
-    noise_df: the degrees of freedom of the noise estimate (Student's t; inf: the normal)."""
+    noise_df: the degrees of freedom of the noise estimate (Student's t; inf: the normal).
+    shas: each run's commit ("?" unknown). A step proposed between two runs of one known commit is dropped
+    before judging: no code changed there, so it is the host's (paced times remove most of those; runs
+    without eviction samples cannot be paced)."""
     values = np.asarray(values, dtype=float)
     v = SeriesValues(values, values if upper is None else np.maximum(values, np.nan_to_num(upper, nan=0.0)),
                      None if raw is None else np.asarray(raw, dtype=float), block)
     sig = signal(values, metric, block)
     noise = max(noise, NOISE_FLOOR)
     bkps = detect(sig, noise, persist)
+    if shas is not None:
+        bkps = [b for b in bkps if shas[b] != shas[b - 1] or shas[b] == "?"]
     while bkps:
         edges = [0, *bkps, len(values)]
         judged = [_judge(v, sig, edges[i], b, edges[i + 2], METRICS[metric], noise, persist, noise_df)

@@ -259,7 +259,7 @@ def changes(series: list[Series], persist: int = PERSIST, pool: bool = True) -> 
     _set_noise(series)
     found, quiet = [], {m: 0 for m in METRICS}
     for s in series:
-        steps = find_steps(s.values, s.metric, s.noise, persist, s.block, s.upper, s.raw, s.noise_df)
+        steps = find_steps(s.values, s.metric, s.noise, persist, s.block, s.upper, s.raw, s.noise_df, s.shas)
         found += [_change_row(s, st) for st in steps]
         quiet[s.metric] += not steps
     ch = pd.DataFrame(found, columns=CHANGE_COLUMNS + ["p"])
