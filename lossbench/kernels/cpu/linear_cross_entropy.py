@@ -34,6 +34,13 @@ __all__ = ["linear_cross_entropy"]
 CHUNK_BYTES = 32 << 20
 
 
+def _grad_buffers(N: int, H: int, V: int, dtype, cd, has_bias: bool):
+    """grad_hidden in the input dtype (each row written once); grad_weight and grad_bias accumulated over
+    the chunks in the compute dtype (rounded once at the end)."""
+    return (torch.empty((N, H), dtype=dtype), torch.zeros((V, H), dtype=cd),
+            torch.zeros((V,), dtype=cd) if has_bias else None)
+
+
 def _sweep(hidden, weight, bias, target, opts, factors, chunk_rows, need_grads):
     """One pass over row chunks: (float64 loss rows, and if need_grads the gradients scaled per row
     by `factors`: grad_hidden in the input dtype, grad_weight / grad_bias in the compute dtype)."""
@@ -45,11 +52,7 @@ def _sweep(hidden, weight, bias, target, opts, factors, chunk_rows, need_grads):
     R = max(1, min(int(chunk_rows), N))
     logits_buf = torch.empty((R, V), dtype=dtype)
     work = logits_buf if dtype == cd else torch.empty((R, V), dtype=cd)
-    gh = gw = gb = None
-    if need_grads:
-        gh = torch.empty((N, H), dtype=dtype)
-        gw = torch.zeros((V, H), dtype=cd)
-        gb = torch.zeros((V,), dtype=cd) if bias is not None else None
+    gh, gw, gb = _grad_buffers(N, H, V, dtype, cd, bias is not None) if need_grads else (None, None, None)
     wt = weight.t()
     for r0 in range(0, N, R):
         r1 = min(N, r0 + R)
@@ -102,11 +105,7 @@ def _sweep_native(lib, hidden, weight, bias, y, opts, kmean, go, chunk_rows, nee
     G = torch.empty((R, V), dtype=cd) if need_grads else None
     loss = torch.empty(N, dtype=torch.float64)
     stats = torch.empty((N, 3), dtype=torch.float64)
-    gh = gw = gb = None
-    if need_grads:
-        gh = torch.empty((N, H), dtype=dtype)
-        gw = torch.zeros((V, H), dtype=cd)
-        gb = torch.zeros((V,), dtype=cd) if bias is not None else None
+    gh, gw, gb = _grad_buffers(N, H, V, dtype, cd, bias is not None) if need_grads else (None, None, None)
     wt = weight.t()
     args = _CEArgs(None, 0, V, V, None, int(ignore_index), None, None, float(eps), float(V), float(kmean),
                    None, None, None, 1.0, None, None)

@@ -11,10 +11,9 @@
 // max (a row whose max is out of the safe range is redone shifted, from L2: a 32768-class float32 row
 // is 128 KiB); e goes into the gradient row (or a per-thread float scratch row for bf16 / fp16), which
 // the scale pass then finishes while it is still in cache.
-// Rows are handed out dynamically to torch's OpenMP threads: on a shared machine a descheduled thread
-// delays only the rows it holds.
+// Rows are handed out dynamically to the worker threads (workers.h): on a shared machine a descheduled
+// thread delays only the rows it holds.
 #include <ATen/Parallel.h>
-#include <thread>
 
 #include <algorithm>
 #include <atomic>
@@ -26,6 +25,7 @@
 #include <vector>
 
 #include "vec_exp.h"
+#include "workers.h"
 
 namespace {
 
@@ -157,17 +157,7 @@ void for_rows(int64_t N, int64_t C, F&& body) {
       for (int64_t i = r0; i < r1; ++i) body(i, scratch);
     }
   };
-#ifdef _OPENMP
-  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) { work(); });
-#else
-  // Built without -fopenmp (the loader's flags), at::parallel_for's OpenMP pragma is ignored and it runs
-  // one thread: the workers are std::threads instead, as many as torch.get_num_threads().
-  std::vector<std::thread> pool;
-  pool.reserve(nt - 1);
-  for (int64_t w = 1; w < nt; ++w) pool.emplace_back(work);
-  work();
-  for (auto& th : pool) th.join();
-#endif
+  run_workers(nt, work);
 }
 
 template <class In, class T>

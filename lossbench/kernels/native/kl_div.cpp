@@ -19,10 +19,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <vector>
 
 #include "vec_exp.h"
+#include "workers.h"
 
 namespace {
 
@@ -128,8 +128,7 @@ template <bool LT, class C> inline C pointwise(C x, C t) {
 }
 
 // body(begin, end, chunk) over [0, n) in CHUNK pieces handed out dynamically, so that a descheduled
-// thread on a shared machine delays only the chunk it holds. torch's OpenMP pool where the build has
-// OpenMP, else as many std::threads as torch.get_num_threads().
+// thread on a shared machine delays only the chunk it holds (workers.h).
 template <class F> void for_chunks(int64_t n, const F& body) {
   const int64_t chunks = (n + CHUNK - 1) / CHUNK;
   std::atomic<int64_t> next{0};
@@ -139,20 +138,7 @@ template <class F> void for_chunks(int64_t n, const F& body) {
       body(a, std::min(n, a + CHUNK), c);
     }
   };
-  const int64_t workers = std::min<int64_t>(std::max(1, at::get_num_threads()), chunks);
-  if (workers <= 1) {
-    work();
-    return;
-  }
-#ifdef _OPENMP
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { work(); });
-#else
-  std::vector<std::thread> pool;
-  pool.reserve(workers - 1);
-  for (int64_t w = 1; w < workers; ++w) pool.emplace_back(work);
-  work();
-  for (auto& th : pool) th.join();
-#endif
+  run_workers(std::min<int64_t>(std::max(1, at::get_num_threads()), chunks), work);
 }
 
 template <bool LT, class S> double loss_sum(const S* x, const S* t, int64_t n) {
