@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import zlib
 
 import pytest
 import torch
@@ -179,7 +180,10 @@ from lossbench.runners.accuracy import rel_l2, worst_row_err  # noqa: E402
 
 ce_mod = sys.modules["lossbench.kernels.cpu.cross_entropy"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float64: 1e-12}
+# float64: the reference's own gradient (autograd's softmax - onehot) loses eps64 / (1 - p_y) to the
+# cancellation in p_y - 1; _peaked's rows go to p_y = 0.9999, so about 1.1e-12, and 4x that is the bound.
+# Over 40 seeds both the kernel and the Python path reached 1.86e-12 (the same inputs, the same error).
+TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float64: 4.5e-12}
 
 
 @pytest.fixture
@@ -225,7 +229,8 @@ import math  # noqa: E402
 def test_ce_kernel_every_option(lib, dtype, reduction, weighted, eps, ignore, unit_go):
     """grad_output 1 (the gradient the forward wrote, returned as is) and any other (the rescaling
     pass), on every option and dtype, peaked rows included, against the float64 definition."""
-    gen = torch.Generator().manual_seed(hash((reduction, weighted, eps, ignore)) % 2**31)
+    # zlib.crc32, not hash(): str hashes change with every process (PYTHONHASHSEED), and so did the inputs
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((reduction, weighted, eps, ignore)).encode()))
     N, C = 40, 1537
     x64, y = _peaked(N, C, gen)
     x64[::2] = 3 * torch.randn(N // 2, C, generator=gen, dtype=torch.float64)  # half the rows unsure
