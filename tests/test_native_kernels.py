@@ -352,10 +352,11 @@ def test_ce_kernel_large_vocab_peaked(lib, dtype):
 
 def test_ce_kernel_threads_and_noncontiguous(lib):
     """The same numbers on 1 and 2 threads (rows are independent: no cross-row sums in the kernel),
-    and for a non-contiguous input (row stride, or transposed)."""
+    and for a non-contiguous input (row stride, or transposed). 1400 rows of 777 float32 are 4.4 MB of
+    gradient: three of the kernel's 2 MiB grabs, the last one short, so both threads take rows."""
     gen = torch.Generator().manual_seed(12)
-    x = torch.randn(33, 777, generator=gen)
-    y = torch.randint(0, 777, (33,), generator=gen)
+    x = torch.randn(1400, 777, generator=gen)
+    y = torch.randint(0, 777, (1400,), generator=gen)
     n0 = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -365,7 +366,12 @@ def test_ce_kernel_threads_and_noncontiguous(lib):
     finally:
         torch.set_num_threads(n0)
     assert torch.equal(l1, l2) and torch.equal(g1, g2)
-    wide = torch.randn(33, 1000, generator=gen)[:, :777]
+    x64 = x.double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(x64, y, label_smoothing=0.1)
+    ref.backward(torch.tensor(0.7, dtype=torch.float64))
+    assert abs(float(l1) - float(ref)) <= 1e-6 * abs(float(ref))  # every row (and grab) counted
+    assert torch.allclose(g1.double(), x64.grad, rtol=1e-5, atol=1e-10)
+    wide = torch.randn(1400, 1000, generator=gen)[:, :777]
     wide.copy_(x)
     lt, gt = _run(x.t().contiguous().t(), y, torch.tensor(0.7), label_smoothing=0.1)
     lw, gw = _run(wide, y, torch.tensor(0.7), label_smoothing=0.1)
