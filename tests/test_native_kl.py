@@ -109,19 +109,29 @@ def test_grid(dtype, reduction, log_target, layout):
 
 def test_large_multi_chunk_sum_and_thread_count():
     """Many chunks (2^15 elements each) on several threads: float64 partial sums added in chunk order,
-    so the loss has the same bits whatever the thread count."""
+    so the loss has the same bits whatever the thread count. The gradient (10 MB, written in 2 MiB
+    pieces, the last one short) is the same on any thread count and is -t * grad_output everywhere."""
     _lib_or_skip()
     gen = torch.Generator().manual_seed(2)
     x, t = _inputs((64, 40000), torch.float32, False, gen)
     threads = torch.get_num_threads()
+    go = torch.tensor(0.75)
+
+    def run():
+        xg = x.clone().requires_grad_(True)
+        loss = kl_div(xg, t, reduction="sum")
+        loss.backward(go)
+        return loss.detach(), xg.grad
+
     try:
         torch.set_num_threads(1)
-        one = kl_div(x, t, reduction="sum")
+        one, g1 = run()
         torch.set_num_threads(max(2, threads))
-        many = kl_div(x, t, reduction="sum")
+        many, g2 = run()
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one, many)
+    assert torch.equal(one, many) and torch.equal(g1, g2)
+    assert torch.equal(g1, -(t.double() * 0.75).float())  # every piece written, rounded once
     ref = reference.definition("kl")(x.double(), t.double(), reduction="sum")
     assert abs(one.double() - ref) / abs(ref) < 1e-6
 
