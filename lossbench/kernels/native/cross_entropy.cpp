@@ -142,16 +142,10 @@ void emit_exp(const In* x, In* out, int64_t C, T shift, T a, T b, const T* w) {
   }
 }
 
-// Rows are taken from a shared counter in grabs of about 2 MiB of gradient (one huge page: the gradient
-// buffer is advised for them, native.grad_buffer). Smaller grabs interleave the threads inside one huge
-// page, whose first touch (the kernel zeroing 2 MiB) then holds both: the forward into a fresh 1 GiB
-// float32 gradient took 189 ms with one-row grabs, 133 ms with these, and 79 ms into mapped pages
-// (2026-12-05, 2 threads; the zeroing itself costs about 50 ms per GiB here, in any grab size).
-constexpr int64_t GRAB_BYTES = 2 << 20;
-
+// Rows are taken from a shared counter in grabs of about one huge page of gradient (workers.h).
 template <class F>
 void for_rows(int64_t N, int64_t row_bytes, F&& body) {
-  const int64_t grab = std::max<int64_t>(1, GRAB_BYTES / std::max<int64_t>(row_bytes, 1));
+  const int64_t grab = std::max<int64_t>(1, HUGE_PAGE_BYTES / std::max<int64_t>(row_bytes, 1));
   std::atomic<int64_t> next{0};
   const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + grab - 1) / grab));
   auto work = [&] {

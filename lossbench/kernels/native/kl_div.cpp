@@ -141,11 +141,6 @@ template <class F> void for_chunks(int64_t n, const F& body, int64_t size = CHUN
   run_workers(std::min<int64_t>(std::max(1, at::get_num_threads()), chunks), work);
 }
 
-// The gradient is written in pieces of 2 MiB (one huge page: the buffer is advised for them,
-// native.grad_buffer): with CHUNK pieces both threads fault inside the same fresh huge page (see
-// cross_entropy.cpp's for_rows, where this cut a fresh 1 GiB forward from 189 to 133 ms).
-constexpr int64_t GRAD_PIECE_BYTES = 2 << 20;
-
 template <bool LT, class S> double loss_sum(const S* x, const S* t, int64_t n) {
   using C = typename IO<S>::C;
   std::vector<double> part((n + CHUNK - 1) / CHUNK, 0.0);
@@ -194,7 +189,7 @@ template <bool LT, class S> void grad_kernel(const S* t, const S* go, S* g, int6
         g[i] = IO<S>::store(-((LT ? exp_c(v) : v) * IO<S>::load(go[i])));
       }
     }
-  }, GRAD_PIECE_BYTES / static_cast<int64_t>(sizeof(S)));
+  }, HUGE_PAGE_BYTES / static_cast<int64_t>(sizeof(S)));  // pieces of one huge page (workers.h)
 }
 
 template <class S> int loss(int log_target, const void* x, const void* t, void* out, int64_t n, double* sum) {
